@@ -1,0 +1,144 @@
+"""Non-tensor ("object") columns: one msgpack blob per field, no pickle.
+
+A column of Python values travels as one msgpack array (via msgspec) of its rows. The values a
+row may hold are deliberately closed, so that nothing executable or surprising crosses the wire:
+
+- ``None``, ``bool``, ``int`` (64-bit range), ``float``, ``str``, ``bytes``;
+- ``list`` / ``tuple`` / ``dict`` (``str`` or ``int`` keys) of those, nested (tuples come back as lists);
+- numpy arrays and numpy scalars of numeric dtype (bool, int, uint, float, complex), carried as a
+  msgpack extension ``[dtype.str, shape, raw bytes]`` (code 1 for arrays, 2 for scalars) and
+  decoded to writable numpy arrays / numpy scalars of the same dtype and byte order.
+
+Anything else (class instances, sets, tensors, datetimes, enums...) is refused on encode with a
+:class:`SchemaError`, instead of being silently turned into something else by msgspec.
+Decoding validates every extension (dtype whitelist, byte length = shape x itemsize) and turns
+any malformed blob into a :class:`ProtocolError`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from tq_loader.errors import ProtocolError, SchemaError
+
+__all__ = ["decode_objects", "encode_objects"]
+
+_EXT_NDARRAY = 1
+_EXT_NPSCALAR = 2
+_MAX_DEPTH = 64
+_MAX_NDIM = 32
+_SCALARS = frozenset({type(None), bool, int, float, str, bytes})
+_NUMERIC_KINDS = frozenset("biufc")
+# dtype.str of a plain numeric dtype, e.g. "<f4", "|b1", ">i8": no object, void, subarray or datetime.
+_DTYPE_RE = re.compile(r"[<>|=][biufc](1|2|4|8|16|32)")
+_EXT_PAYLOAD = msgspec.msgpack.Decoder(tuple[str, tuple[int, ...], bytearray])
+
+
+def _is_numeric(dtype: np.dtype) -> bool:
+    return dtype.kind in _NUMERIC_KINDS and dtype.fields is None and dtype.subdtype is None
+
+
+def _refuse(field: str, value: Any, path: str) -> SchemaError:
+    return SchemaError(
+        f"field {field!r}: value of type {type(value).__module__}.{type(value).__qualname__} at {path} "
+        "cannot be sent; non-tensor values may be None/bool/int/float/str/bytes, lists/tuples/dicts "
+        "(str or int keys) of those, or numeric numpy arrays. Convert it (e.g. to str or a dict), "
+        "or put tensors in their own field"
+    )
+
+
+def _check(value: Any, field: str, path: str, depth: int) -> None:
+    """Refuse what msgspec would encode lossily or we could not decode; walks containers only."""
+    kind = type(value)
+    if kind in _SCALARS:
+        return
+    if depth > _MAX_DEPTH:
+        raise SchemaError(f"field {field!r}: values nested deeper than {_MAX_DEPTH} levels at {path}")
+    if kind is list or kind is tuple:
+        if set(map(type, value)) <= _SCALARS:  # the common flat case, checked at C speed
+            return
+        for i, item in enumerate(value):
+            _check(item, field, f"{path}[{i}]", depth + 1)
+    elif kind is dict:
+        for key, item in value.items():
+            if type(key) is not str and type(key) is not int:
+                raise _refuse(field, key, f"{path} (a dict key)")
+            _check(item, field, f"{path}[{key!r}]", depth + 1)
+    elif isinstance(value, (np.ndarray, np.generic)):
+        if not _is_numeric(value.dtype):
+            raise SchemaError(
+                f"field {field!r}: numpy dtype {value.dtype} at {path} cannot be sent; only bool, int, "
+                "uint, float and complex numpy values are supported (use .tolist() for others)"
+            )
+    else:
+        raise _refuse(field, value, path)
+
+
+def _enc_hook(obj: Any) -> msgspec.msgpack.Ext:
+    """Numpy values as an extension; everything else was refused by :func:`_check` already."""
+    if isinstance(obj, np.ndarray):
+        payload = (obj.dtype.str, obj.shape, obj.tobytes(order="C"))
+        return msgspec.msgpack.Ext(_EXT_NDARRAY, msgspec.msgpack.encode(payload))
+    if isinstance(obj, np.generic):
+        payload = (obj.dtype.str, (), obj.tobytes())
+        return msgspec.msgpack.Ext(_EXT_NPSCALAR, msgspec.msgpack.encode(payload))
+    raise TypeError(f"unsupported type {type(obj)!r}")
+
+
+_ENCODER = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+
+
+def encode_objects(values: list[Any], field: str) -> bytes:
+    """Encode the rows of a non-tensor column to one msgpack blob (``SchemaError`` if refused)."""
+    _check(values, field, "row", 0)
+    try:
+        return _ENCODER.encode(values)
+    except (OverflowError, TypeError, msgspec.EncodeError) as exc:
+        raise SchemaError(f"field {field!r}: cannot encode non-tensor values: {exc}") from exc
+
+
+def _ext_hook(code: int, data: memoryview) -> Any:
+    """Rebuild a numpy value, validating dtype and size before anything is allocated."""
+    if code not in (_EXT_NDARRAY, _EXT_NPSCALAR):
+        raise ProtocolError(f"unknown msgpack extension code {code} in a non-tensor column")
+    try:
+        dtype_str, shape, raw = _EXT_PAYLOAD.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"malformed numpy extension in a non-tensor column: {exc}") from exc
+    if not _DTYPE_RE.fullmatch(dtype_str):
+        raise ProtocolError(f"numpy extension with unsupported dtype {dtype_str!r}")
+    try:
+        dtype = np.dtype(dtype_str)
+    except TypeError as exc:
+        raise ProtocolError(f"numpy extension with unknown dtype {dtype_str!r}") from exc
+    if not _is_numeric(dtype) or len(shape) > _MAX_NDIM or any(d < 0 for d in shape):
+        raise ProtocolError(f"numpy extension with bad dtype/shape {dtype_str!r} {shape}")
+    if code == _EXT_NPSCALAR and shape:
+        raise ProtocolError("numpy scalar extension with a non-empty shape")
+    count = 1
+    for d in shape:
+        count *= d
+    if count * dtype.itemsize != len(raw):
+        raise ProtocolError(
+            f"numpy extension {dtype_str} {shape} needs {count * dtype.itemsize} bytes, has {len(raw)}"
+        )
+    arr = np.frombuffer(raw, dtype=dtype).reshape(shape)  # bytearray: writable, no extra copy
+    return arr[()] if code == _EXT_NPSCALAR else arr
+
+
+_DECODER = msgspec.msgpack.Decoder(list, ext_hook=_ext_hook)
+
+
+def decode_objects(buf: memoryview | bytes, nrows: int, field: str) -> list[Any]:
+    """Decode the blob of a non-tensor column; it must hold exactly ``nrows`` rows."""
+    try:
+        rows = _DECODER.decode(buf)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise ProtocolError(f"field {field!r}: malformed non-tensor blob: {exc}") from exc
+    if len(rows) != nrows:
+        raise ProtocolError(f"field {field!r}: non-tensor blob holds {len(rows)} rows, header says {nrows}")
+    return rows

@@ -1,0 +1,79 @@
+"""All partitions of one controller, sharing one row-id allocator.
+
+Sharing the allocator is what makes global row ids unique across partitions: an id names one row of
+one partition for the controller's lifetime, even after that partition is dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tq_loader.controller.state import PartitionState, RowIdAllocator
+from tq_loader.errors import NotFoundError, SchemaError, TQError
+
+__all__ = ["ControllerState"]
+
+_SHOW_PARTITIONS = 20
+
+
+class ControllerState:
+    """Partition id -> :class:`PartitionState`, in creation order. Not thread-safe (one event loop)."""
+
+    def __init__(self, allocator: RowIdAllocator | None = None) -> None:
+        self.allocator = allocator if allocator is not None else RowIdAllocator()
+        self._partitions: dict[str, PartitionState] = {}
+
+    def __contains__(self, partition_id: object) -> bool:
+        return partition_id in self._partitions
+
+    def __len__(self) -> int:
+        return len(self._partitions)
+
+    def create(self, partition_id: str, exist_ok: bool = True) -> PartitionState:
+        """Create a partition (or return the existing one when ``exist_ok``)."""
+        if not isinstance(partition_id, str) or not partition_id:
+            raise SchemaError(f"partition ids must be non-empty str, got {partition_id!r}")
+        existing = self._partitions.get(partition_id)
+        if existing is not None:
+            if not exist_ok:
+                raise TQError(
+                    f"partition {partition_id!r} already exists; use it, drop it first, or pick a new id"
+                )
+            return existing
+        state = self._partitions[partition_id] = PartitionState(partition_id, self.allocator)
+        return state
+
+    def get(self, partition_id: str) -> PartitionState:
+        """The partition, or ``NotFoundError`` listing the known ones."""
+        state = self._partitions.get(partition_id)
+        if state is None:
+            known = list(self._partitions)
+            shown = ", ".join(repr(p) for p in known[:_SHOW_PARTITIONS])
+            more = f" and {len(known) - _SHOW_PARTITIONS} more" if len(known) > _SHOW_PARTITIONS else ""
+            raise NotFoundError(
+                f"unknown partition {partition_id!r}; known partitions: [{shown}{more}]. "
+                "Put data into it first (which creates it) or check the id"
+            )
+        return state
+
+    def get_or_create(self, partition_id: str) -> PartitionState:
+        return self.create(partition_id, exist_ok=True)
+
+    def drop(self, partition_id: str, missing_ok: bool = True) -> PartitionState | None:
+        """Forget a partition; returns its state (None if unknown and ``missing_ok``). Ids are not reused."""
+        state = self._partitions.pop(partition_id, None)
+        if state is None and not missing_ok:
+            self.get(partition_id)  # raises the informative NotFoundError
+        return state
+
+    def list(self) -> list[str]:
+        """Partition ids in creation order."""
+        return list(self._partitions)
+
+    def statistics(self) -> dict[str, Any]:
+        """Plain-dict snapshot of every partition plus allocator position."""
+        return {
+            "num_partitions": len(self._partitions),
+            "next_row_id": self.allocator.next_id,
+            "partitions": {pid: state.statistics() for pid, state in self._partitions.items()},
+        }

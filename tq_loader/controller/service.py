@@ -1,0 +1,368 @@
+"""The controller service: serves :mod:`tq_loader.controller.state` over the transport.
+
+Readiness is decided here and only here: storage managers send ``NotifyProduced`` after every unit
+acknowledged a write, and ``get_meta`` hands out rows that are produced and not yet consumed.
+
+Waiting is server-side: a ``get_meta`` that cannot be served yet parks on the partition's change
+event (no client polling) until enough rows are ready, the partition is sealed and drained, it is
+aborted, or the request's deadline passes. Nothing is consumed for a request whose deadline passed.
+
+Rank-aware requests (``dp_rank`` and ``batch_index`` given) are served from *rounds*: the first
+caller of a batch index samples ``batch_size x dp_size`` rows with the configured sampler, splits
+them over the data-parallel ranks and records the round in the ledger. Every caller with the same
+(partition, task, batch index) -- TP/PP ranks of one DP group, a resumed loader -- gets the same
+rows; different DP ranks get disjoint rows; all DP ranks see the same number of batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from tq_loader import protocol as p
+from tq_loader.config import ControllerConfig
+from tq_loader.controller.registry import ControllerState
+from tq_loader.controller.state import PartitionState
+from tq_loader.errors import ClosedError, NotFoundError, SchemaError, TQTimeoutError
+from tq_loader.metadata import BatchMeta
+from tq_loader.samplers import BaseSampler, SeqlenBalancedSampler, make_sampler
+from tq_loader.samplers.rounds import Round, RoundLedger
+from tq_loader.transport import RequestContext
+
+__all__ = ["ControllerService"]
+
+DEFAULT_TASK = "__default__"
+_MODES = ("insert", "fetch", "force_fetch")
+_RESERVED = ("dp_rank", "dp_size", "batch_index", "allow_partial", "task_name", "partition_id")
+
+
+class ControllerService:
+    """Handler for the controller's ROUTER server (runs on one event loop; no locks needed)."""
+
+    def __init__(self, config: ControllerConfig | None = None) -> None:
+        self.config = config or ControllerConfig()
+        self.state = ControllerState()
+        self.ledger = RoundLedger(self.config.round_cache)
+        self.cluster: p.ClusterInfo | None = None
+        self._changed: dict[str, asyncio.Event] = {}
+        self._samplers: dict[str, BaseSampler] = {}
+        self._waiting = 0
+        self._served = {"get_meta": 0, "rows_out": 0, "eos": 0, "timeouts": 0, "notifies": 0}
+        self._dispatch: dict[type, Callable[..., Any]] = {
+            p.Describe: self._describe,
+            p.CreatePartition: self._create_partition,
+            p.ListPartitions: self._list_partitions,
+            p.GetMeta: self._get_meta,
+            p.PrepareWrite: self._prepare_write,
+            p.NotifyProduced: self._notify_produced,
+            p.SetTags: self._set_tags,
+            p.ClearSamples: self._clear_samples,
+            p.ClearPartition: self._clear_partition,
+            p.ResetConsumption: self._reset_consumption,
+            p.ProductionStatus: self._production_status,
+            p.ConsumptionStatus: self._consumption_status,
+            p.KVLookup: self._kv_lookup,
+            p.KVList: self._kv_list,
+            p.Seal: self._seal,
+            p.Abort: self._abort,
+            p.Stats: self._stats,
+        }
+
+    async def handle(self, ctx: RequestContext, request: p.Request, buffers: list[memoryview]) -> Any:
+        method = self._dispatch.get(type(request))
+        if method is None:
+            raise NotFoundError(f"the controller does not serve {type(request).__name__}")
+        reply = method(ctx, request)
+        if asyncio.iscoroutine(reply):
+            reply = await reply
+        return reply, ()
+
+    # ------------------------------------------------------------------ change notification
+    def _notify(self, partition_id: str) -> None:
+        event = self._changed.pop(partition_id, None)
+        if event is not None:
+            event.set()
+
+    def _event(self, partition_id: str) -> asyncio.Event:
+        event = self._changed.get(partition_id)
+        if event is None:
+            event = self._changed[partition_id] = asyncio.Event()
+        return event
+
+    # ------------------------------------------------------------------ simple requests
+    def _describe(self, ctx: RequestContext, req: p.Describe) -> p.ClusterInfo:
+        if self.cluster is None:
+            raise NotFoundError("the controller has no cluster description yet; the cluster is starting")
+        return self.cluster
+
+    def _create_partition(self, ctx: RequestContext, req: p.CreatePartition) -> p.Ok:
+        self.state.get_or_create(req.partition_id)
+        return p.Ok()
+
+    def _list_partitions(self, ctx: RequestContext, req: p.ListPartitions) -> p.NamesReply:
+        return p.NamesReply(names=self.state.list())
+
+    def _prepare_write(self, ctx: RequestContext, req: p.PrepareWrite) -> p.WriteReply:
+        part = self.state.get_or_create(req.partition_id) if req.new_rows else self.state.get(req.partition_id)
+        merged = part.check_schemas(req.schemas)
+        if req.new_rows:
+            ids = part.insert(req.new_rows)
+        else:
+            ids = p.ids_from_wire(req.global_indexes)
+            part.positions(ids)  # unknown or cleared rows -> NotFoundError before any byte is stored
+        return p.WriteReply(global_indexes=p.ids_to_wire(ids), schemas=merged)
+
+    def _notify_produced(self, ctx: RequestContext, req: p.NotifyProduced) -> p.Ok:
+        part = self.state.get(req.partition_id)
+        part.mark_produced(p.ids_from_wire(req.global_indexes), req.schemas)
+        self._served["notifies"] += 1
+        self._notify(req.partition_id)
+        return p.Ok()
+
+    def _set_tags(self, ctx: RequestContext, req: p.SetTags) -> p.Ok:
+        ids = p.ids_from_wire(req.global_indexes)
+        if len(req.tags) != len(ids):
+            raise SchemaError(f"{len(req.tags)} tags for {len(ids)} rows; give one tag dict per row")
+        self.state.get(req.partition_id).set_tags(ids, req.tags)
+        self._notify(req.partition_id)
+        return p.Ok()
+
+    def _clear_samples(self, ctx: RequestContext, req: p.ClearSamples) -> p.IdsReply:
+        cleared = self.state.get(req.partition_id).clear(p.ids_from_wire(req.global_indexes))
+        self._notify(req.partition_id)
+        return p.IdsReply(global_indexes=p.ids_to_wire(cleared))
+
+    def _clear_partition(self, ctx: RequestContext, req: p.ClearPartition) -> p.Ok:
+        self.state.drop(req.partition_id, missing_ok=True)
+        self.ledger.drop_partition(req.partition_id)
+        for sampler in self._samplers.values():
+            sampler.clear_cache(req.partition_id)
+        self._notify(req.partition_id)
+        return p.Ok()
+
+    def _reset_consumption(self, ctx: RequestContext, req: p.ResetConsumption) -> p.Ok:
+        self.state.get(req.partition_id).reset_consumption(req.task_name)
+        if req.task_name is None:
+            self.ledger.drop_partition(req.partition_id)
+        else:
+            self.ledger.drop((req.partition_id, req.task_name))
+        self._notify(req.partition_id)
+        return p.Ok()
+
+    def _production_status(self, ctx: RequestContext, req: p.ProductionStatus) -> p.StatusReply:
+        ids = None if req.global_indexes is None else p.ids_from_wire(req.global_indexes)
+        out_ids, fields, matrix = self.state.get(req.partition_id).production_status(ids, req.fields)
+        return p.StatusReply(
+            global_indexes=p.ids_to_wire(out_ids), fields=list(fields), matrix=np.asarray(matrix, bool).tobytes()
+        )
+
+    def _consumption_status(self, ctx: RequestContext, req: p.ConsumptionStatus) -> p.StatusReply:
+        ids = None if req.global_indexes is None else p.ids_from_wire(req.global_indexes)
+        out_ids, consumed = self.state.get(req.partition_id).consumption_status(req.task_name, ids)
+        return p.StatusReply(
+            global_indexes=p.ids_to_wire(out_ids), fields=[], matrix=np.asarray(consumed, bool).tobytes()
+        )
+
+    def _kv_lookup(self, ctx: RequestContext, req: p.KVLookup) -> p.KVLookupReply:
+        if req.create:
+            part = self.state.get_or_create(req.partition_id)
+            ids, created = part.get_or_create_keys(req.keys)
+        elif req.missing_ok and req.partition_id not in self.state:
+            return p.KVLookupReply(meta=BatchMeta.empty().to_wire(), created=b"")
+        else:
+            part = self.state.get(req.partition_id)
+            ids = part.lookup_keys(req.keys)
+            created = np.zeros(len(ids), bool)
+            if req.missing_ok:
+                ids, created = ids[ids >= 0], created[ids >= 0]
+            elif (ids < 0).any():
+                missing = [k for k, i in zip(req.keys, ids.tolist()) if i < 0]
+                shown = ", ".join(repr(k) for k in missing[:5])
+                more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+                raise NotFoundError(
+                    f"partition {req.partition_id!r} has no keys {shown}{more}; put them first (kv_put)"
+                )
+        _, fields, matrix = part.production_status(ids, None)
+        common = [f for j, f in enumerate(fields) if len(ids) and matrix[:, j].all()]
+        meta = self._meta(part, ids, common)
+        meta.set_extra_info("keys", part.keys_of(ids))
+        return p.KVLookupReply(meta=meta.to_wire(), created=np.asarray(created, bool).tobytes())
+
+    def _kv_list(self, ctx: RequestContext, req: p.KVList) -> p.KVListReply:
+        pids = self.state.list() if req.partition_id is None else [req.partition_id]
+        pids = [pid for pid in pids if pid in self.state]  # an unknown partition lists as empty
+        out: dict[str, dict[str, Any]] = {}
+        for pid in pids:
+            part = self.state.get(pid)
+            keys, ids = part.list_keys()
+            out[pid] = dict(zip(keys, part.get_tags(ids)))
+        return p.KVListReply(partitions=out)
+
+    def _seal(self, ctx: RequestContext, req: p.Seal) -> p.Ok:
+        self.state.get_or_create(req.partition_id).seal()
+        self._notify(req.partition_id)
+        return p.Ok()
+
+    def _abort(self, ctx: RequestContext, req: p.Abort) -> p.Ok:
+        self.state.get_or_create(req.partition_id).abort(req.reason)
+        self._notify(req.partition_id)
+        return p.Ok()
+
+    def _stats(self, ctx: RequestContext, req: p.Stats) -> p.StatsReply:
+        return p.StatsReply(stats=self.statistics())
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "partitions": self.state.statistics(),
+            "waiting_requests": self._waiting,
+            "rounds": dataclasses.asdict(self.ledger.statistics()),
+            **self._served,
+        }
+
+    # ------------------------------------------------------------------ get_meta
+    async def _get_meta(self, ctx: RequestContext, req: p.GetMeta) -> p.MetaReply:
+        if req.mode not in _MODES:
+            raise ValueError(f"get_meta mode must be one of {_MODES}, not {req.mode!r}")
+        if req.batch_size < 0 or (req.mode != "insert" and req.batch_size == 0 and not req.allow_partial):
+            raise ValueError(f"batch_size must be positive, got {req.batch_size}")
+        self._served["get_meta"] += 1
+        if req.mode == "insert":
+            part = self.state.get_or_create(req.partition_id)
+            ids = part.insert(req.batch_size)
+            return p.MetaReply(meta=self._meta(part, ids, []).to_wire())
+        if req.dp_rank is not None and not 0 <= req.dp_rank < max(1, req.dp_size):
+            raise ValueError(f"dp_rank {req.dp_rank} is outside [0, dp_size={req.dp_size})")
+        while True:
+            part = self.state.get_or_create(req.partition_id)
+            if part.aborted is not None:
+                raise ClosedError(f"partition {req.partition_id!r} was aborted: {part.aborted}")
+            event = self._event(req.partition_id)  # taken before the check: no lost wake-up
+            meta = self._try_fetch(part, req)
+            if meta is not None:
+                self._served["rows_out"] += meta.size
+                self._served["eos"] += int(meta.is_end_of_stream)
+                return p.MetaReply(meta=meta.to_wire())
+            if self.config.polling_mode:
+                return p.MetaReply(meta=BatchMeta.empty().to_wire())
+            remaining = ctx.remaining()
+            if remaining is not None and remaining <= 0:
+                self._served["timeouts"] += 1
+                raise TQTimeoutError(
+                    f"get_meta on partition {req.partition_id!r}: fewer than {req.batch_size} rows with "
+                    f"fields {req.data_fields} became ready before the timeout; produce more rows, seal "
+                    "the partition, or pass a longer timeout"
+                )
+            self._waiting += 1
+            try:
+                await asyncio.wait_for(event.wait(), remaining)
+            except TimeoutError:
+                pass  # loop once more: the check above raises the typed timeout
+            finally:
+                self._waiting -= 1
+
+    def _sampler(self, name: str | None) -> BaseSampler:
+        name = name or self.config.sampler
+        sampler = self._samplers.get(name)
+        if sampler is None:
+            kwargs = self.config.sampler_kwargs if name == self.config.sampler else {}
+            sampler = self._samplers[name] = make_sampler(name, **kwargs)
+        return sampler
+
+    def _sampling_config(
+        self, part: PartitionState, ready: np.ndarray, req: p.GetMeta, sampler: BaseSampler
+    ) -> dict[str, Any]:
+        """The caller's sampling config plus what only the controller knows (groups, lengths)."""
+        cfg = {k: v for k, v in req.sampling_config.items() if k not in _RESERVED}
+        n = cfg.get("n_samples_per_prompt") or getattr(sampler, "n_samples_per_prompt", None)
+        if n and int(n) > 1:  # a prompt's n rows are inserted together: group = insertion ordinal // n
+            cfg.setdefault("group_ids", part.ordinals(ready) // int(n))
+        tag = cfg.pop("seqlen_tag", "total_lengths")
+        if "seqlens" not in cfg and isinstance(sampler, SeqlenBalancedSampler):
+            cfg["seqlens"] = part.tag_values(ready, tag, default=1)
+        return cfg
+
+    def _try_fetch(self, part: PartitionState, req: p.GetMeta) -> BatchMeta | None:
+        """The batch for ``req`` now, an end-of-stream marker, or None to keep waiting."""
+        task = req.task_name or DEFAULT_TASK
+        if req.mode == "force_fetch":  # every live row, as TransferQueue: no waiting, nothing consumed
+            ids, _, matrix = part.production_status(None, req.data_fields)
+            produced = matrix.all(axis=1) if len(req.data_fields) else np.ones(len(ids), bool)
+            return self._meta(part, ids, req.data_fields, produced=produced)
+        rank_aware = req.dp_rank is not None and req.batch_index is not None
+        if rank_aware:
+            return self._fetch_round(part, req, task)
+        ready = part.ready(req.data_fields, task)
+        sampler = self._sampler(req.sampler)
+        cfg = self._sampling_config(part, ready, req, sampler)
+        sampled, consumed = sampler.sample(ready, req.batch_size, **cfg)
+        if len(sampled) == 0:
+            left = part.count_unconsumed(task)
+            if not part.sealed or left >= req.batch_size:
+                return None
+            if req.allow_partial and left > 0:
+                if left > len(ready):
+                    return None  # the tail's columns are still being written
+                sampled, consumed = sampler.sample(ready, req.batch_size, **cfg, allow_partial=True)
+            if len(sampled) == 0:
+                return self._meta(part, np.empty(0, np.int64), req.data_fields, end_of_stream=True)
+        part.mark_consumed(task, np.asarray(consumed, np.int64))
+        return self._meta(part, np.asarray(sampled, np.int64), req.data_fields)
+
+    def _fetch_round(self, part: PartitionState, req: p.GetMeta, task: str) -> BatchMeta | None:
+        key = (req.partition_id, task)
+        assert req.batch_index is not None and req.dp_rank is not None
+        found = self.ledger.get(key, req.batch_index)  # NotFoundError if it was evicted
+        if found is None:
+            found = self._sample_round(part, req, task)
+            if found is None:
+                return None
+            self.ledger.put(key, req.batch_index, found)
+        if found.dp_size != max(1, req.dp_size):
+            raise ValueError(f"batch {req.batch_index} was cut for dp_size={found.dp_size}, not {req.dp_size}")
+        if found.end_of_stream:
+            return self._meta(part, np.empty(0, np.int64), req.data_fields, end_of_stream=True)
+        return self._meta(part, found.rank(req.dp_rank), req.data_fields)
+
+    def _sample_round(self, part: PartitionState, req: p.GetMeta, task: str) -> Round | None:
+        dp_size = max(1, req.dp_size)
+        ready = part.ready(req.data_fields, task)
+        sampler = self._sampler(req.sampler)
+        cfg = self._sampling_config(part, ready, req, sampler)
+        per_rank, consumed = sampler.sample_round(ready, req.batch_size, dp_size, **cfg)
+        if not consumed:
+            left = part.count_unconsumed(task)
+            if not part.sealed or left >= req.batch_size * dp_size:
+                return None
+            if req.allow_partial and left > 0:
+                if left > len(ready):
+                    return None  # the tail's columns are still being written
+                per_rank, consumed = sampler.sample_round(
+                    ready, req.batch_size, dp_size, **cfg, allow_partial=True
+                )
+            if not consumed:
+                return Round.empty(dp_size)
+        part.mark_consumed(task, np.asarray(consumed, np.int64))
+        return Round.from_lists(per_rank)
+
+    def _meta(
+        self,
+        part: PartitionState,
+        ids: np.ndarray,
+        fields: list[str],
+        *,
+        end_of_stream: bool = False,
+        produced: np.ndarray | None = None,
+    ) -> BatchMeta:
+        schemas = part.field_schemas
+        return BatchMeta(
+            global_indexes=ids,
+            partition_ids=np.full(len(ids), part.partition_id, dtype=object),
+            field_schema={f: schemas[f] for f in fields if f in schemas},
+            production_status=np.ones(len(ids), np.int8) if produced is None else produced.astype(np.int8),
+            custom_meta=part.get_tags(ids) if len(ids) else [],
+            end_of_stream=end_of_stream,
+        )

@@ -1,0 +1,69 @@
+"""A private asyncio event loop on a daemon thread.
+
+Services (embedded placement) and the sync ``Client`` facade both run their coroutines here, so
+a caller can be a plain thread, a DataLoader worker or a Jupyter cell that already has a loop
+running. After ``fork`` the thread is gone: :meth:`LoopThread.for_process` makes a fresh one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import threading
+from collections.abc import Awaitable, Coroutine
+from typing import Any, TypeVar
+
+from tq_loader.errors import ClosedError
+
+__all__ = ["LoopThread"]
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """Owns one event loop running forever on one daemon thread."""
+
+    def __init__(self, name: str = "tq-loop") -> None:
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        self._closed = False
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(self._ready.set)
+        self.loop.run_forever()
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed and self.pid == os.getpid() and self._thread.is_alive()
+
+    def in_loop(self) -> bool:
+        return threading.get_ident() == self._thread.ident
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        if not self.alive:
+            coro.close()
+            raise ClosedError("the event loop thread is closed (or this process was forked); reconnect")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, T] | Awaitable[T]) -> T:
+        """Run ``coro`` on the loop and wait for its result from another thread."""
+        if self.in_loop():
+            raise RuntimeError("LoopThread.run() called from its own loop; await the coroutine instead")
+        return self.submit(coro).result()  # type: ignore[arg-type]
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.pid != os.getpid() or not self._thread.is_alive():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.loop.close()

@@ -1,0 +1,832 @@
+"""Batch metadata: which rows of which partitions a request is about, and the schema of their fields.
+
+Columnar so that a batch of B rows costs O(F) numpy calls, never B Python objects: global indexes,
+partition ids and production status are read-only numpy arrays, custom meta is an optional object
+array (``None`` = every row empty). Arrays are never written in place -- a change replaces the
+array -- so derived batches (chunks, selections, copies) share them safely.
+
+Behaviour follows TransferQueue's columnar ``BatchMeta``/``KVBatchMeta``, except: ``select_fields``
+rejects unknown names (``NotFoundError``), ``concat`` keeps equal ``extra_info`` values instead of
+refusing scalars, ``union`` de-duplicates by (partition, global index), and ``is_end_of_stream``
+marks the last batch of a sealed partition. Both classes have a pickle-free wire form.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import msgspec
+import numpy as np
+import torch
+from tensordict import NonTensorData, NonTensorStack, TensorDictBase
+
+from tq_loader.errors import NotFoundError, ProtocolError, SchemaError
+from tq_loader.schema import OBJECT_DTYPE, FieldSchema
+
+__all__ = [
+    "NOT_PRODUCED",
+    "READY_FOR_CONSUME",
+    "BatchMeta",
+    "KVBatchMeta",
+    "SampleMeta",
+    "dtype_name",
+    "normalize_schema",
+    "schema_of",
+]
+
+NOT_PRODUCED, READY_FOR_CONSUME = 0, 1
+_OBJECT = FieldSchema(OBJECT_DTYPE, (), False, True)
+_WIRE_VERSION = 1
+_PLAIN = (type(None), bool, int, float, str, bytes)
+
+
+# ---------------------------------------------------------------- schemas
+
+
+def dtype_name(dtype: Any) -> str:
+    """Canonical name (``"float32"``, ``"object"``) of a torch/numpy dtype, a dtype name or a Python type."""
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).removeprefix("torch.")
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        if name == OBJECT_DTYPE:
+            return name
+        found = getattr(torch, name, None)
+        if isinstance(found, torch.dtype):
+            return str(found).removeprefix("torch.")  # aliases: "float" -> "float32"
+        raise SchemaError(f"unknown dtype {dtype!r}; use a torch dtype name such as 'float32', or 'object'")
+    if isinstance(dtype, np.dtype) or (isinstance(dtype, type) and issubclass(dtype, np.generic)):
+        np_dtype = np.dtype(dtype)
+        return OBJECT_DTYPE if np_dtype.kind in "OUSV" else dtype_name(np_dtype.name)
+    if isinstance(dtype, type):  # TransferQueue records a non-tensor column's Python type (str, dict, ...)
+        return OBJECT_DTYPE
+    raise SchemaError(f"cannot interpret {dtype!r} as a dtype; pass a torch.dtype or a name like 'int64'")
+
+
+def _dims(shape: Iterable[Any]) -> tuple[int, ...]:
+    """Per-row shape as ints; symbolic (ragged) sizes of a jagged tensor become -1."""
+    return tuple(d if isinstance(d, int) else -1 for d in shape)
+
+
+def _merge_shapes(shapes: Sequence[Sequence[int]], field: str) -> tuple[tuple[int, ...], bool]:
+    """Common per-row shape of ``shapes`` with -1 where they differ, and whether any differ."""
+    if not shapes:
+        return (), False
+    ranks = {len(s) for s in shapes}
+    if len(ranks) != 1:
+        raise SchemaError(
+            f"field {field!r}: rows have different ranks {sorted(ranks)}; give every row the same ndim"
+        )
+    arr = np.asarray(shapes, dtype=np.int64).reshape(len(shapes), ranks.pop())
+    varies = (arr != arr[0]).any(axis=0)
+    return tuple(-1 if v else int(d) for v, d in zip(varies, arr[0])), bool(varies.any())
+
+
+def normalize_schema(meta: Any, field: str = "?") -> FieldSchema:
+    """A FieldSchema from a FieldSchema, a wire list, or a TransferQueue-style schema dict."""
+    if isinstance(meta, FieldSchema):
+        return meta
+    if isinstance(meta, Mapping):
+        raw, non_tensor = meta.get("dtype"), meta.get("is_non_tensor")
+        if raw is None and not non_tensor:
+            raise SchemaError(
+                f"field {field!r}: schema has no dtype; give one (e.g. 'float32') or is_non_tensor=True"
+            )
+        dtype = OBJECT_DTYPE if non_tensor or raw is None else dtype_name(raw)
+        if dtype == OBJECT_DTYPE:
+            return _OBJECT
+        nested = bool(meta.get("is_nested", False))
+        if meta.get("shape") is not None:
+            shape = _dims(meta["shape"])
+        else:
+            shape, ragged = _merge_shapes(meta.get("per_sample_shapes") or [], field)
+            nested = nested or ragged
+        return FieldSchema(dtype, shape, nested or -1 in shape, False)
+    if isinstance(meta, (list, tuple)) and len(meta) == 4:
+        return FieldSchema(dtype_name(meta[0]), _dims(meta[1]), bool(meta[2]), bool(meta[3]))
+    raise SchemaError(
+        f"field {field!r}: cannot read schema {meta!r}; pass a FieldSchema or a dict with a dtype"
+    )
+
+
+def schema_of(value: Any, field: str = "?") -> FieldSchema:
+    """Schema of one column (rows along dim 0), decided by its type and per-row shapes only."""
+    if isinstance(value, (NonTensorData, NonTensorStack)):
+        return _OBJECT
+    if isinstance(value, TensorDictBase):
+        raise SchemaError(f"field {field!r} is a nested TensorDict; flatten it first (td.flatten_keys('.'))")
+    if isinstance(value, torch.Tensor):
+        dtype = dtype_name(value.dtype)
+        if not value.is_nested:
+            if value.dim() == 0:
+                raise SchemaError(f"field {field!r} is a 0-d tensor; a column needs a batch dimension")
+            return FieldSchema(dtype, tuple(value.shape[1:]))
+        if value.layout == torch.jagged:
+            return FieldSchema(dtype, _dims(value.shape[1:]), True, False)
+        shape, _ = _merge_shapes([tuple(t.shape) for t in value.unbind()], field)  # strided nested
+        return FieldSchema(dtype, shape, True, False)
+    if isinstance(value, np.ndarray) and value.dtype.kind not in "OUSV":
+        if value.ndim == 0:
+            raise SchemaError(f"field {field!r} is a 0-d array; a column needs a batch dimension")
+        return FieldSchema(dtype_name(value.dtype), tuple(value.shape[1:]))
+    if isinstance(value, (list, tuple)):
+        is_tensor = [isinstance(v, torch.Tensor) for v in value]
+        if value and all(is_tensor):
+            dtypes = {v.dtype for v in value}
+            if len(dtypes) > 1:
+                raise SchemaError(
+                    f"field {field!r}: rows have dtypes {sorted(map(str, dtypes))}; cast to one dtype"
+                )
+            shape, ragged = _merge_shapes([tuple(v.shape) for v in value], field)
+            return FieldSchema(dtype_name(dtypes.pop()), shape, ragged, False)
+        if any(is_tensor):
+            raise SchemaError(f"field {field!r} mixes tensors and other values; use one kind per field")
+    return _OBJECT
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _frozen(arr: np.ndarray) -> np.ndarray:
+    arr.flags.writeable = False
+    return arr
+
+
+def _int_array(values: Any, what: str, dtype: type = np.int64, kinds: str = "iu") -> np.ndarray:
+    """A fresh 1-D integer array from a list/array/tensor, refusing floats (and bools unless allowed)."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    arr = np.array(values)
+    if arr.ndim != 1:
+        raise SchemaError(f"{what} must be 1-D, got shape {arr.shape}")
+    if arr.size and arr.dtype.kind not in kinds:
+        raise SchemaError(f"{what} must be integers, got dtype {arr.dtype}")
+    return arr.astype(dtype, copy=False)
+
+
+def _chunk_slices(size: int, chunks: int) -> list[slice]:
+    """``chunks`` contiguous slices covering ``size`` rows; the first ``size % chunks`` one longer."""
+    if isinstance(chunks, bool) or not isinstance(chunks, (int, np.integer)) or chunks < 1:
+        raise SchemaError(f"chunks must be a positive int, got {chunks!r}")
+    base, extra = divmod(size, int(chunks))
+    bounds = np.cumsum([0] + [base + (i < extra) for i in range(int(chunks))]).tolist()
+    return [slice(a, b) for a, b in itertools.pairwise(bounds)]
+
+
+def _custom_array(entries: Sequence[Any], n: int, deep: bool) -> np.ndarray | None:
+    """Object array of per-row custom meta (dict, or None for empty); None when every row is empty."""
+    if len(entries) != n:
+        raise SchemaError(f"custom_meta has {len(entries)} entries for {n} rows")
+    if not all(m is None or isinstance(m, Mapping) for m in entries):
+        raise SchemaError("custom_meta entries must be dicts, one per row")
+    if not any(entries):
+        return None
+    arr = np.empty(n, dtype=object)
+    arr[:] = [copy.deepcopy(m) if m else None for m in entries] if deep else [m or None for m in entries]
+    return arr
+
+
+def _values_equal(a: Any, b: Any) -> bool:
+    """Equality that also works for tensors and arrays (and treats tuples like lists, as msgpack does)."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and torch.equal(a, b)
+        )
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and np.array_equal(a, b)
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_values_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_values_equal(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and bool(a == b)
+
+
+def _merge_extra_info(infos: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch-level info of a concat: equal values kept once, lists joined, tensors concatenated."""
+    merged: dict[str, Any] = {}
+    for key in dict.fromkeys(k for info in infos for k in info):
+        values = [info[key] for info in infos if key in info]
+        if all(_values_equal(values[0], v) for v in values[1:]):
+            merged[key] = values[0]
+        elif all(isinstance(v, list) for v in values):
+            merged[key] = [x for v in values for x in v]
+        elif all(isinstance(v, torch.Tensor) for v in values):
+            try:
+                merged[key] = torch.cat([v.reshape(1) if v.dim() == 0 else v for v in values])
+            except RuntimeError as e:
+                raise SchemaError(f"concat: extra_info[{key!r}] tensors cannot be concatenated: {e}") from e
+        else:
+            kinds = sorted({type(v).__name__ for v in values})
+            raise SchemaError(
+                f"concat: extra_info[{key!r}] differs between batches ({kinds}) and has no merge rule; "
+                "make the values equal, lists or tensors, or remove the key before concat"
+            )
+    return copy.deepcopy(merged)
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Refuse values msgpack cannot carry as plain data (tensors, arrays, objects)."""
+    if isinstance(value, _PLAIN):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(k, f"{where} key")
+            _check_plain(v, f"{where}[{k!r}]")
+    else:
+        raise SchemaError(
+            f"{where} holds a {type(value).__name__}; only None/bool/int/float/str/bytes, lists and dicts "
+            "cross the wire (convert it, e.g. tensor.tolist())"
+        )
+
+
+def _arr_to_wire(arr: np.ndarray, dtype: str) -> list[Any]:
+    return [dtype, arr.astype(dtype, copy=False).tobytes()]
+
+
+def _arr_from_wire(spec: Any, dtype: str, count: int | None, what: str) -> np.ndarray:
+    tag, buf = spec
+    if tag != dtype or not isinstance(buf, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"{what}: expected {dtype} bytes, got {tag!r}/{type(buf).__name__}")
+    arr = np.frombuffer(buf, dtype=np.dtype(dtype))
+    if count is not None and arr.size != count:
+        raise ProtocolError(f"{what}: {arr.size} entries for {count} rows")
+    return _frozen(arr)
+
+
+# ---------------------------------------------------------------- per-row views
+
+
+class SampleMeta(msgspec.Struct, frozen=True):
+    """Read-only view of one row of a BatchMeta, made on demand (copies; edits do not write back)."""
+
+    global_index: int
+    partition_id: str
+    fields: dict[str, FieldSchema]
+    production_status: int
+    custom_meta: dict[str, Any]
+    batch_index: int
+
+    @property
+    def is_ready(self) -> bool:
+        return self.production_status == READY_FOR_CONSUME
+
+    @property
+    def field_names(self) -> list[str]:
+        return sorted(self.fields)
+
+
+class _SampleList(Sequence):
+    """``BatchMeta.samples``: indexable, sized, iterable; builds a SampleMeta per access."""
+
+    __slots__ = ("_batch",)
+
+    def __init__(self, batch: BatchMeta) -> None:
+        self._batch = batch
+
+    def __len__(self) -> int:
+        return self._batch.size
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self._batch._sample(j) for j in range(*i.indices(len(self)))]
+        return self._batch._sample(i)
+
+
+# ---------------------------------------------------------------- BatchMeta
+
+
+class BatchMeta:
+    """Metadata of a batch of rows: indexes, partitions, production status, field schemas, custom meta."""
+
+    __slots__ = ("_custom", "_eos", "_gidx", "_pids", "_schema", "_status", "extra_info")
+
+    def __init__(
+        self,
+        global_indexes: Any,
+        partition_ids: Any,
+        field_schema: Mapping[str, Any] | None = None,
+        production_status: Any = None,
+        extra_info: dict[str, Any] | None = None,
+        custom_meta: Sequence[dict[str, Any]] | None = None,
+        *,
+        end_of_stream: bool = False,
+    ) -> None:
+        gidx = _int_array(global_indexes, "global_indexes")
+        n = gidx.size
+        if isinstance(partition_ids, str):  # one partition for every row
+            pids = np.full(n, partition_ids)
+        else:
+            pids = np.array(np.asarray(partition_ids, dtype=str).reshape(-1))
+        if pids.size != n:
+            raise SchemaError(f"length mismatch: {n} global_indexes but {pids.size} partition_ids")
+        status = (
+            np.zeros(n, np.int8)
+            if production_status is None
+            else _int_array(production_status, "production_status", np.int8, "iub")
+        )
+        if status.size != n:
+            raise SchemaError(f"production_status has {status.size} entries for {n} rows")
+        schema = {name: normalize_schema(m, name) for name, m in (field_schema or {}).items()}
+        custom = None if custom_meta is None else _custom_array(custom_meta, n, deep=True)
+        self._init(gidx, pids, status, schema, custom, copy.deepcopy(extra_info or {}), bool(end_of_stream))
+
+    def _init(self, gidx, pids, status, schema, custom, extra_info, eos) -> None:
+        self._gidx, self._pids, self._status = _frozen(gidx), _frozen(pids), _frozen(status)
+        self._schema: dict[str, FieldSchema] = schema
+        self._custom: np.ndarray | None = custom  # object array of dict|None (None = {}), or None
+        self.extra_info: dict[str, Any] = extra_info
+        self._eos: bool = eos
+
+    @classmethod
+    def _make(cls, gidx, pids, status, schema, custom, extra_info, eos) -> BatchMeta:
+        """Build from arrays the caller owns, without validation or copies (the hot path)."""
+        out = object.__new__(cls)
+        out._init(gidx, pids, status, schema, custom, extra_info, eos)
+        return out
+
+    def _derive(self, key: Any, schema: dict[str, FieldSchema] | None = None) -> BatchMeta:
+        """Rows ``key`` (slice -> views, index array -> copies) of this batch as a new batch."""
+        custom = None if self._custom is None else self._custom[key]  # written only after a copy
+        return BatchMeta._make(
+            self._gidx[key], self._pids[key], self._status[key], dict(self._schema if schema is None else schema),
+            custom, copy.deepcopy(self.extra_info), self._eos,
+        )  # fmt: skip
+
+    @classmethod
+    def empty(cls, extra_info: dict[str, Any] | None = None, *, end_of_stream: bool = False) -> BatchMeta:
+        """A batch of no rows (e.g. the final answer of a drained, sealed partition)."""
+        return cls([], [], extra_info=extra_info, end_of_stream=end_of_stream)
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def size(self) -> int:
+        return int(self._gidx.size)
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def global_indexes(self) -> np.ndarray:
+        """Read-only int64 array of the rows' global indexes."""
+        return self._gidx
+
+    @property
+    def partition_ids(self) -> np.ndarray:
+        """Read-only str array: each row's partition."""
+        return self._pids
+
+    @property
+    def production_status(self) -> np.ndarray:
+        """Read-only int8 array: 1 (READY_FOR_CONSUME) where the row's fields are produced."""
+        return self._status
+
+    @property
+    def field_schema(self) -> dict[str, FieldSchema]:
+        return dict(self._schema)
+
+    @property
+    def field_names(self) -> list[str]:
+        return sorted(self._schema)
+
+    @property
+    def is_ready(self) -> bool:
+        return self.size > 0 and bool((self._status == READY_FOR_CONSUME).all())
+
+    @property
+    def is_end_of_stream(self) -> bool:
+        """True when the controller marks this as the last batch of a sealed partition."""
+        return self._eos
+
+    @property
+    def samples(self) -> Sequence[SampleMeta]:
+        return _SampleList(self)
+
+    @property
+    def custom_meta(self) -> list[dict[str, Any]]:
+        return self.get_all_custom_meta()
+
+    def _sample(self, i: Any) -> SampleMeta:
+        if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
+            raise TypeError(f"row index must be an int, got {type(i).__name__}")
+        pos = int(i) + self.size if i < 0 else int(i)
+        if not 0 <= pos < self.size:
+            raise IndexError(f"row {i} out of range for a batch of {self.size}")
+        meta = None if self._custom is None else self._custom[pos]
+        return SampleMeta(
+            int(self._gidx[pos]), str(self._pids[pos]), dict(self._schema), int(self._status[pos]),
+            copy.deepcopy(meta) if meta else {}, pos,
+        )  # fmt: skip
+
+    def __getitem__(self, item: Any) -> SampleMeta | BatchMeta:
+        if isinstance(item, slice):
+            return self._derive(item)
+        if isinstance(item, (bool, float, str, bytes)):
+            raise TypeError(f"BatchMeta indexes are ints, slices or index lists, not {type(item).__name__}")
+        if isinstance(item, (int, np.integer)):
+            return self._sample(item)
+        return self.select_samples(item)
+
+    # ------------------------------------------------------------ row / field selection
+
+    def _positions(self, indexes: Any) -> np.ndarray:
+        """Validated row positions from a list/array/tensor of ints or a boolean mask."""
+        if isinstance(indexes, torch.Tensor):
+            indexes = indexes.detach().cpu().numpy()
+        arr = np.asarray(indexes)
+        if arr.dtype == np.bool_ and arr.shape == (self.size,):
+            return np.flatnonzero(arr)
+        pos = _int_array(arr, "sample indexes")
+        if pos.size and (pos.min() < 0 or pos.max() >= self.size):
+            raise SchemaError(
+                f"sample indexes must lie in [0, {self.size}), got min {pos.min()} max {pos.max()}"
+            )
+        return pos
+
+    def select_samples(self, indexes: Any) -> BatchMeta:
+        """New batch of the rows at ``indexes`` (positions in this batch), in that order."""
+        return self._derive(self._positions(indexes))
+
+    def select_fields(self, names: Iterable[str]) -> BatchMeta:
+        """New batch with the same rows and only the fields ``names``."""
+        names = [names] if isinstance(names, str) else list(names)
+        missing = [n for n in names if n not in self._schema]
+        if missing:
+            raise NotFoundError(f"fields {missing} not in this batch (it has {self.field_names})")
+        return self._derive(slice(None), {n: self._schema[n] for n in names})
+
+    def chunk(self, chunks: int) -> list[BatchMeta]:
+        """Split into ``chunks`` contiguous batches; the first ``size % chunks`` are one row longer."""
+        return [self._derive(s) for s in _chunk_slices(self.size, chunks)]
+
+    def chunk_by_partition(self) -> list[BatchMeta]:
+        """One batch per partition, in order of first appearance, rows keeping their order."""
+        if self.size == 0:
+            return []
+        if (self._pids == self._pids[0]).all():
+            return [self.copy()]
+        _, first, group = np.unique(self._pids, return_index=True, return_inverse=True)
+        rank = np.empty_like(first)
+        rank[np.argsort(first)] = np.arange(first.size)
+        group = rank[group.reshape(-1)]
+        order = np.argsort(group, kind="stable")
+        cuts = np.cumsum(np.bincount(group, minlength=first.size))[:-1]
+        return [self._derive(part) for part in np.split(order, cuts)]
+
+    @classmethod
+    def concat(cls, data: Iterable[BatchMeta], validate: bool = True) -> BatchMeta:
+        """One batch of all rows of ``data`` in order; fields must match (``SchemaError`` otherwise)."""
+        data = list(data)
+        eos = any(b._eos for b in data)
+        parts = [b for b in data if b.size > 0]
+        if not data:
+            return cls.empty()
+        parts = parts or data[:1]  # all empty: keep the first one's fields and extra_info
+        schema = dict(parts[0]._schema)
+        if validate:
+            for i, part in enumerate(parts[1:], start=1):
+                if part._schema.keys() != schema.keys():
+                    raise SchemaError(
+                        f"concat: batch {i} has fields {part.field_names}, batch 0 has {sorted(schema)}; "
+                        "select_fields() the same fields first"
+                    )
+                for name, fs in part._schema.items():
+                    try:
+                        schema[name] = schema[name].merge(fs)
+                    except SchemaError as e:
+                        raise SchemaError(f"concat: field {name!r} of batch {i}: {e}") from e
+        customs = [p._custom for p in parts]
+        custom = None
+        if any(c is not None for c in customs):
+            filled = [np.full(p.size, None, object) if c is None else c for p, c in zip(parts, customs)]
+            custom = np.concatenate(filled)
+        return cls._make(
+            np.concatenate([p._gidx for p in parts]), np.concatenate([p._pids for p in parts]),
+            np.concatenate([p._status for p in parts]), schema, custom,
+            _merge_extra_info([p.extra_info for p in parts]), eos,
+        )  # fmt: skip
+
+    def _rows_in(self, other: BatchMeta) -> np.ndarray:
+        """Mask over ``other``'s rows whose (partition, global index) is also in this batch."""
+        found = np.zeros(other.size, dtype=bool)
+        for pid in np.unique(other._pids):
+            mine, theirs = self._pids == pid, other._pids == pid
+            found[theirs] = np.isin(other._gidx[theirs], self._gidx[mine])
+        return found
+
+    def union(self, other: BatchMeta) -> BatchMeta:
+        """This batch plus the rows of ``other`` it does not hold yet (same fields required)."""
+        if other is None or other.size == 0:
+            return self.copy()
+        if self.size == 0:
+            return other.copy()
+        new = np.flatnonzero(~self._rows_in(other))
+        return BatchMeta.concat([self, other.select_samples(new)])
+
+    def reorder(self, indexes: Any) -> None:
+        """Permute the rows in place: row ``i`` becomes the old row ``indexes[i]``."""
+        pos = np.asarray(indexes.detach().cpu() if isinstance(indexes, torch.Tensor) else indexes)
+        if pos.shape != (self.size,) or pos.dtype == np.bool_:
+            raise SchemaError(f"reorder needs {self.size} int indexes, got shape {pos.shape} ({pos.dtype})")
+        pos = self._positions(pos)
+        if np.unique(pos).size != self.size:
+            raise SchemaError("reorder indexes must be a permutation of range(size); got duplicates")
+        self._gidx, self._pids, self._status = (
+            _frozen(a[pos]) for a in (self._gidx, self._pids, self._status)
+        )
+        if self._custom is not None:
+            self._custom = self._custom[pos]
+
+    def copy(self) -> BatchMeta:
+        """Independent copy (arrays are immutable and shared; extra_info is deep-copied)."""
+        return self._derive(slice(None))
+
+    # ------------------------------------------------------------ fields, custom meta, extra info
+
+    def add_fields(self, tensor_dict: TensorDictBase, set_all_ready: bool = True) -> BatchMeta:
+        """Record the columns of ``tensor_dict`` as fields of every row (in place); marks rows ready."""
+        if not isinstance(tensor_dict, TensorDictBase):
+            raise SchemaError(f"add_fields needs a TensorDict, got {type(tensor_dict).__name__}")
+        batch = tuple(tensor_dict.batch_size)
+        if not batch or batch[0] != self.size:
+            raise SchemaError(
+                f"add_fields: TensorDict batch_size {batch} does not match batch size {self.size}"
+            )
+        schema = dict(self._schema)
+        for name in tensor_dict.keys():  # noqa: SIM118 (iterating a TensorDict walks rows, not keys)
+            schema[name] = schema_of(tensor_dict.get(name), name)
+        self._schema = schema
+        if set_all_ready:
+            self._status = _frozen(np.full(self.size, READY_FOR_CONSUME, np.int8))
+        return self
+
+    def update_custom_meta(
+        self, custom_meta: Sequence[dict[str, Any]] | Mapping[int, dict[str, Any]] | None
+    ) -> None:
+        """Merge per-row dicts into custom meta: a list aligned with the rows, or {global_index: dict}."""
+        if custom_meta is None:
+            return
+        if isinstance(custom_meta, Mapping):  # TransferQueue's older {global_index: meta} form
+            where = {g: i for i, g in enumerate(self._gidx.tolist())}
+            missing = [g for g in custom_meta if g not in where]
+            if missing:
+                raise NotFoundError(f"custom_meta for global indexes {missing} not in this batch")
+            pairs = [(where[g], meta) for g, meta in custom_meta.items()]
+        else:
+            if len(custom_meta) != self.size:
+                raise SchemaError(f"custom_meta has {len(custom_meta)} entries for a batch of {self.size}")
+            pairs = enumerate(custom_meta)
+        arr = np.full(self.size, None, object) if self._custom is None else self._custom.copy()
+        for pos, meta in pairs:
+            if meta is not None and not isinstance(meta, Mapping):
+                raise SchemaError(f"custom_meta of row {pos} must be a dict, got {type(meta).__name__}")
+            if meta:
+                arr[pos] = {**(arr[pos] or {}), **copy.deepcopy(dict(meta))}
+        self._custom = arr
+
+    def get_all_custom_meta(self) -> list[dict[str, Any]]:
+        """Deep copy of every row's custom meta, in row order."""
+        if self._custom is None:
+            return [{} for _ in range(self.size)]
+        return [copy.deepcopy(m) if m else {} for m in self._custom]
+
+    def clear_custom_meta(self) -> None:
+        self._custom = None
+
+    def get_extra_info(self, key: str, default: Any = None) -> Any:
+        return self.extra_info.get(key, default)
+
+    def set_extra_info(self, key: str, value: Any) -> None:
+        self.extra_info[key] = value
+
+    def update_extra_info(self, info_dict: Mapping[str, Any]) -> None:
+        self.extra_info.update(info_dict)
+
+    def remove_extra_info(self, key: str) -> Any:
+        return self.extra_info.pop(key, None)
+
+    def clear_extra_info(self) -> None:
+        self.extra_info.clear()
+
+    def has_extra_info(self, key: str) -> bool:
+        return key in self.extra_info
+
+    def get_all_extra_info(self) -> dict[str, Any]:
+        return copy.deepcopy(self.extra_info)
+
+    # ------------------------------------------------------------ comparison, wire form
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, BatchMeta):
+            return NotImplemented
+        return (
+            np.array_equal(self._gidx, other._gidx)
+            and np.array_equal(self._pids, other._pids)
+            and np.array_equal(self._status, other._status)
+            and self._schema == other._schema
+            and self._eos == other._eos
+            and _values_equal(self.extra_info, other.extra_info)
+            and _values_equal(self.get_all_custom_meta(), other.get_all_custom_meta())
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        parts = np.unique(self._pids[:1000]).tolist()
+        return (
+            f"BatchMeta(size={self.size}, fields={self.field_names}, partitions={parts}, "
+            f"is_ready={self.is_ready}, end_of_stream={self._eos})"
+        )
+
+    def to_wire(self) -> dict[str, Any]:
+        """Plain msgpack-able dict (raw bytes for arrays, lists for schemas); see :meth:`from_wire`."""
+        _check_plain(self.extra_info, "extra_info")
+        pids: dict[str, Any] = {"names": [], "codes": None}
+        if self.size and (self._pids == self._pids[0]).all():
+            pids["names"] = [str(self._pids[0])]
+        elif self.size:
+            names, codes = np.unique(self._pids, return_inverse=True)
+            pids = {"names": names.tolist(), "codes": _arr_to_wire(codes.reshape(-1), "<i4")}
+        return {
+            "v": _WIRE_VERSION,
+            "global_indexes": _arr_to_wire(self._gidx, "<i8"),
+            "partition_ids": pids,
+            "production_status": _arr_to_wire(self._status, "|i1"),
+            "field_schema": [
+                [n, s.dtype, list(s.shape), s.is_nested, s.is_non_tensor] for n, s in self._schema.items()
+            ],
+            "custom_meta": None if self._custom is None else self._custom.tolist(),
+            "extra_info": dict(self.extra_info),
+            "end_of_stream": self._eos,
+        }
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> BatchMeta:
+        """Inverse of :meth:`to_wire`; ``ProtocolError`` on a malformed dict."""
+        try:
+            if d["v"] != _WIRE_VERSION:
+                raise ProtocolError(f"BatchMeta wire version {d['v']!r}, this side speaks {_WIRE_VERSION}")
+            gidx = _arr_from_wire(d["global_indexes"], "<i8", None, "global_indexes")
+            n = gidx.size
+            names = np.asarray(d["partition_ids"]["names"], dtype=str).reshape(-1)
+            codes = d["partition_ids"]["codes"]
+            codes = (
+                np.zeros(n, np.intp) if codes is None else _arr_from_wire(codes, "<i4", n, "partition codes")
+            )
+            if n and (codes.min() < 0 or codes.max() >= names.size):
+                raise ProtocolError(f"partition_ids: codes outside the {names.size} partition names")
+            pids = names[codes]
+            status = _arr_from_wire(d["production_status"], "|i1", n, "production_status")
+            schema = {name: normalize_schema(rest, name) for name, *rest in d["field_schema"]}
+            custom = None if d["custom_meta"] is None else _custom_array(d["custom_meta"], n, deep=False)
+            extra_info = d["extra_info"]
+            if not isinstance(extra_info, dict):
+                raise ProtocolError(f"extra_info must be a map, got {type(extra_info).__name__}")
+            return cls._make(gidx, pids, status, schema, custom, extra_info, bool(d["end_of_stream"]))
+        except ProtocolError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ProtocolError(f"malformed BatchMeta wire form: {type(e).__name__}: {e}") from e
+
+
+# ---------------------------------------------------------------- KVBatchMeta
+
+
+class KVBatchMeta:
+    """Metadata of the key-value interface: user keys with per-key tags in one partition."""
+
+    __slots__ = ("extra_info", "fields", "keys", "partition_id", "tags")
+
+    def __init__(
+        self,
+        keys: Sequence[str] | None = None,
+        tags: Sequence[dict[str, Any]] | None = None,
+        partition_id: str | None = None,
+        fields: Sequence[str] | None = None,
+        extra_info: dict[str, Any] | None = None,
+    ) -> None:
+        self.keys: list[str] = list(keys or [])
+        self.tags: list[dict[str, Any]] = (
+            [{} for _ in self.keys] if tags is None else copy.deepcopy(list(tags))
+        )
+        if len(self.keys) != len(self.tags):
+            raise SchemaError(
+                f"keys and tags must have the same length, got {len(self.keys)} and {len(self.tags)}"
+            )
+        if not all(isinstance(k, str) for k in self.keys) or not all(isinstance(t, dict) for t in self.tags):
+            raise SchemaError("KVBatchMeta keys must be strings and tags dicts (one per key)")
+        if len(set(self.keys)) != len(self.keys):
+            raise SchemaError(f"duplicate keys: {[k for k, c in Counter(self.keys).items() if c > 1]}")
+        if fields is not None and len(set(fields)) != len(fields):
+            raise SchemaError(f"duplicate fields in {list(fields)}")
+        self.partition_id = partition_id
+        self.fields: list[str] | None = None if fields is None else list(fields)
+        self.extra_info: dict[str, Any] = copy.deepcopy(extra_info or {})
+
+    @property
+    def size(self) -> int:
+        return len(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _with(self, keys: list[str], tags: list[dict[str, Any]]) -> KVBatchMeta:
+        return KVBatchMeta(keys, tags, self.partition_id, self.fields, self.extra_info)
+
+    def select_keys(self, keys: Sequence[str]) -> KVBatchMeta:
+        """New batch of ``keys`` (in that order); unknown keys raise ``NotFoundError``."""
+        keys = list(keys)
+        if len(set(keys)) != len(keys):
+            raise SchemaError(f"select_keys got duplicate keys in {keys}")
+        where = {k: i for i, k in enumerate(self.keys)}
+        missing = [k for k in keys if k not in where]
+        if missing:
+            raise NotFoundError(f"keys {missing} not in this batch (partition {self.partition_id!r})")
+        return self._with(keys, [self.tags[where[k]] for k in keys])
+
+    def reorder(self, indexes: Sequence[int]) -> None:
+        """Permute the keys (and tags) in place."""
+        pos = _int_array(indexes, "reorder indexes").tolist()
+        if sorted(pos) != list(range(self.size)):
+            raise SchemaError(f"reorder indexes must be a permutation of range({self.size}), got {pos}")
+        self.keys = [self.keys[i] for i in pos]
+        self.tags = [self.tags[i] for i in pos]
+
+    def chunk(self, chunks: int) -> list[KVBatchMeta]:
+        """Split into ``chunks`` batches; the first ``size % chunks`` are one key longer."""
+        return [self._with(self.keys[s], self.tags[s]) for s in _chunk_slices(self.size, chunks)]
+
+    @classmethod
+    def concat(cls, data: Iterable[KVBatchMeta]) -> KVBatchMeta:
+        """All keys of ``data`` in order; partitions and field sets must match (``SchemaError``)."""
+        parts = [b for b in data if b.size > 0]
+        if not parts:
+            return cls()
+        first = parts[0]
+        for i, part in enumerate(parts[1:], start=1):
+            if part.partition_id != first.partition_id:
+                raise SchemaError(
+                    f"concat: batch {i} is in partition {part.partition_id!r}, not {first.partition_id!r}"
+                )
+            if part.fields is not None and first.fields is not None and set(part.fields) != set(first.fields):
+                raise SchemaError(f"concat: batch {i} has fields {part.fields}, batch 0 has {first.fields}")
+        return cls(
+            [k for p in parts for k in p.keys], [t for p in parts for t in p.tags], first.partition_id,
+            first.fields, _merge_extra_info([p.extra_info for p in parts]),
+        )  # fmt: skip
+
+    def copy(self) -> KVBatchMeta:
+        return self._with(self.keys, self.tags)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, KVBatchMeta):
+            return NotImplemented
+        return (
+            self.keys == other.keys
+            and self.partition_id == other.partition_id
+            and self.fields == other.fields
+            and _values_equal(self.tags, other.tags)
+            and _values_equal(self.extra_info, other.extra_info)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"KVBatchMeta(size={self.size}, partition_id={self.partition_id!r}, fields={self.fields})"
+
+    def to_wire(self) -> dict[str, Any]:
+        """Plain msgpack-able dict; see :meth:`from_wire`."""
+        _check_plain(self.extra_info, "extra_info")
+        _check_plain(self.tags, "tags")
+        return {
+            "v": _WIRE_VERSION,
+            "keys": list(self.keys),
+            "tags": list(self.tags),
+            "partition_id": self.partition_id,
+            "fields": self.fields,
+            "extra_info": dict(self.extra_info),
+        }
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> KVBatchMeta:
+        """Inverse of :meth:`to_wire`; ``ProtocolError`` on a malformed dict."""
+        try:
+            if d["v"] != _WIRE_VERSION:
+                raise ProtocolError(f"KVBatchMeta wire version {d['v']!r}, this side speaks {_WIRE_VERSION}")
+            return cls(d["keys"], d["tags"], d["partition_id"], d["fields"], d["extra_info"])
+        except ProtocolError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise ProtocolError(f"malformed KVBatchMeta wire form: {type(e).__name__}: {e}") from e

@@ -1,0 +1,98 @@
+"""Placement as Ray actors: a named controller actor and storage-unit actors in a placement group.
+
+Actors only host the same ZMQ services the embedded placement runs in threads; clients talk ZMQ to
+them directly. Ray is used to place, name and find the services -- never on the data path. Service
+actors ask for a fraction of a CPU (``ray.num_cpus``, default 0), so they start on any machine
+size (TransferQueue's whole-CPU actors stay pending forever on a 2-core host).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from tq_loader.config import TQConfig, resolve_config
+
+__all__ = ["RayCluster", "find_controller_address"]
+
+_MIN_CPU = 0.001  # Ray bundles must ask for something; this is "no real CPU"
+
+
+@ray.remote
+class ServiceActor:
+    """Hosts one service (controller or storage unit) on an event-loop thread inside the actor."""
+
+    def __init__(self, kind: str, config: dict[str, Any], index: int = 0) -> None:
+        from tq_loader.cluster import start_controller, start_storage_unit
+
+        self.config = resolve_config(config)
+        self.host = start_controller(self.config) if kind == "controller" else start_storage_unit(self.config, index)
+
+    def address(self) -> str:
+        return self.host.address
+
+    def publish_layout(self, unit_addresses: list[str]) -> None:
+        from tq_loader.cluster import publish_layout
+
+        publish_layout(self.host, self.config, unit_addresses)
+
+    def stop(self) -> None:
+        self.host.stop()
+
+
+def _controller_name(config: TQConfig) -> str:
+    return f"{config.ray.name}_controller"
+
+
+def find_controller_address(config: TQConfig) -> str | None:
+    """Address of a running cluster's controller actor, if Ray is up and the named actor exists."""
+    if not ray.is_initialized():
+        return None
+    try:
+        actor = ray.get_actor(_controller_name(config), namespace=config.ray.namespace)
+    except ValueError:
+        return None
+    return ray.get(actor.address.remote())
+
+
+class RayCluster:
+    """A cluster whose services are Ray actors; this process owns (and stops) them."""
+
+    def __init__(self, config: TQConfig, controller: Any, units: list[Any], pg: Any) -> None:
+        self.config, self.controller, self.units, self.pg = config, controller, units, pg
+        self.address: str = ray.get(controller.address.remote())
+
+    @classmethod
+    def create(cls, config: TQConfig) -> RayCluster:
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, namespace=config.ray.namespace, log_to_driver=False)
+        cpus = max(config.ray.num_cpus, _MIN_CPU)
+        conf = config.to_dict()
+        pg = placement_group([{"CPU": cpus}] * config.storage.num_units, strategy=config.ray.placement_strategy)
+        ray.get(pg.ready())
+        units = [
+            ServiceActor.options(
+                name=f"{config.ray.name}_unit_{i}",
+                namespace=config.ray.namespace,
+                num_cpus=cpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+            ).remote("storage", conf, i)
+            for i in range(config.storage.num_units)
+        ]
+        controller = ServiceActor.options(
+            name=_controller_name(config), namespace=config.ray.namespace, num_cpus=cpus
+        ).remote("controller", conf)
+        unit_addresses = ray.get([u.address.remote() for u in units])
+        ray.get(controller.publish_layout.remote(unit_addresses))
+        return cls(config, controller, units, pg)
+
+    def stop(self) -> None:
+        actors = [*self.units, self.controller]
+        ray.get([a.stop.remote() for a in actors])
+        for actor in actors:
+            ray.kill(actor)
+        remove_placement_group(self.pg)
+        self.units = []

@@ -1,0 +1,325 @@
+"""Storage managers: where a client's ``put_data`` / ``get_data`` / ``clear_data`` go.
+
+:class:`StorageManager` is the backend-neutral contract; :class:`SimpleStorageManager` talks to the
+built-in ZMQ storage units. Other backends (mooncake, yuanrong, ray_rdt) plug in through
+:func:`register_storage_manager` and are built by name with :func:`make_storage_manager`.
+
+Rows are striped over the N units by ``global_index % N``. A put sends each unit its rows in one
+message, to all units at once, and calls ``notify`` (which tells the controller) only after every
+involved unit acknowledged: that is what makes the rows visible to consumers. A get asks all
+involved units at once and reassembles the columns in the metadata's row order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from tensordict import TensorDict, TensorDictBase
+
+from tq_loader import protocol as p
+from tq_loader.codec import batch_length, decode_columns, encode_columns, to_tensordict
+from tq_loader.errors import ClosedError, NotFoundError, SchemaError, TQConnectionError
+from tq_loader.metadata import BatchMeta, normalize_schema, schema_of
+from tq_loader.schema import FieldSchema
+from tq_loader.storage.columns import as_column, assemble, take_rows
+from tq_loader.transport import Connection
+
+__all__ = [
+    "SimpleStorageManager",
+    "StorageManager",
+    "make_storage_manager",
+    "register_storage_manager",
+    "registered_storage_managers",
+]
+
+Notify = Callable[[str, np.ndarray, dict[str, FieldSchema]], Awaitable[None]]
+
+
+class StorageManager(ABC):
+    """Moves the columns of a batch between a client and a storage backend."""
+
+    @abstractmethod
+    async def put_data(
+        self,
+        data: TensorDict | Mapping[str, Any],
+        meta: BatchMeta,
+        schemas: Mapping[str, FieldSchema] | None = None,
+    ) -> None:
+        """Store row ``i`` of every column of ``data`` as row ``meta[i]``, then mark them produced."""
+
+    @abstractmethod
+    async def get_data(self, meta: BatchMeta, fields: Sequence[str] | None = None) -> TensorDict:
+        """The ``fields`` (default: all of ``meta``'s) of ``meta``'s rows, in its order."""
+
+    @abstractmethod
+    async def clear_data(self, meta: BatchMeta) -> None:
+        """Free the storage of ``meta``'s rows (unknown rows are ignored)."""
+
+    @abstractmethod
+    async def clear_partition(self, partition_id: str) -> None:
+        """Free everything stored for a partition."""
+
+    @abstractmethod
+    async def statistics(self) -> dict[str, Any]:
+        """A plain-dict snapshot of the backend's counters."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release what this manager holds; later calls raise ``ClosedError``."""
+
+
+# --------------------------------------------------------------------------- simple backend
+
+
+def _groups(meta: BatchMeta, n_units: int) -> list[tuple[str, int, np.ndarray]]:
+    """(partition, unit, positions in meta) for every (partition, unit) pair that has rows."""
+    if meta.size == 0:
+        return []
+    names, inv = np.unique(np.asarray(meta.partition_ids, dtype=str), return_inverse=True)
+    key = inv.reshape(-1).astype(np.int64) * n_units + np.mod(meta.global_indexes, n_units)
+    order = np.argsort(key, kind="stable")
+    chunks = np.split(order, np.flatnonzero(np.diff(key[order])) + 1)
+    return [(str(names[key[c[0]] // n_units]), int(key[c[0]] % n_units), c) for c in chunks]
+
+
+def _items(data: Any) -> list[tuple[str, Any]]:
+    if isinstance(data, (TensorDictBase, Mapping)):
+        return list(data.items())
+    raise SchemaError(
+        f"put_data() takes a TensorDict or a mapping of field -> column, got {type(data).__name__}"
+    )
+
+
+class SimpleStorageManager(StorageManager):
+    """Stripes rows over the built-in storage units (``global_index % len(unit_addresses)``).
+
+    ``connect(address)`` returns the :class:`~tq_loader.transport.Connection` to use for a unit;
+    its owner (usually the client) closes it -- :meth:`close` does not. ``notify(pid, ids, schemas)``
+    is awaited once per partition after all units acknowledged a put. ``config``: the cluster's
+    config dict (``client.request_timeout`` and ``storage.put_timeout`` are read from it).
+    """
+
+    def __init__(
+        self,
+        unit_addresses: Sequence[str],
+        connect: Callable[[str], Connection],
+        notify: Notify | None = None,
+        *,
+        request_timeout: float | None = 120.0,
+        put_timeout: float | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not unit_addresses:
+            raise TQConnectionError(
+                "the cluster has no storage units; start at least one (storage.num_units)"
+            )
+        config = config or {}
+        self.addresses = list(unit_addresses)
+        self.request_timeout = (config.get("client") or {}).get("request_timeout", request_timeout)
+        self.put_timeout = (
+            put_timeout if put_timeout is not None else (config.get("storage") or {}).get("put_timeout")
+        )
+        self._connect = connect
+        self._notify = notify
+        self._closed = False
+
+    # ------------------------------------------------------------ plumbing
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("the storage manager is closed; make a new client")
+
+    async def _request(
+        self, unit: int, body: Any, buffers: Sequence[Any] = (), timeout: Any = "default"
+    ) -> Any:
+        address = self.addresses[unit]
+        try:
+            return await self._connect(address).request(
+                body, buffers, timeout=self.request_timeout if timeout == "default" else timeout
+            )
+        except TQConnectionError as exc:
+            raise type(exc)(f"storage unit {unit} ({address}): {exc}") from exc
+
+    @staticmethod
+    async def _gather(coros: Sequence[Coroutine[Any, Any, Any]]) -> list[Any]:
+        """Run all at once; if any failed, raise the first error after all have finished."""
+        results = await asyncio.gather(*coros, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results
+
+    # ------------------------------------------------------------ data
+    async def put_data(
+        self,
+        data: TensorDict | Mapping[str, Any],
+        meta: BatchMeta,
+        schemas: Mapping[str, FieldSchema] | None = None,
+    ) -> None:
+        self._check_open()
+        n = meta.size
+        if batch_length(data) != n:
+            raise SchemaError(
+                f"put_data(): data has {batch_length(data)} rows but the metadata has {n}; "
+                "pass the BatchMeta of exactly these rows, in the same order"
+            )
+        columns = {name: as_column(value, n) for name, value in _items(data)}
+        if n == 0 or not columns:
+            return
+        given = schemas or {}
+        put_schemas = {  # only the fields written: the controller marks exactly these as produced
+            name: normalize_schema(given[name], name) if name in given else schema_of(value, name)
+            for name, value in columns.items()
+        }
+        groups = _groups(meta, len(self.addresses))
+        sends = []
+        for pid, unit, pos in groups:
+            whole = len(groups) == 1  # one unit takes the batch as is: no row copies
+            part = columns if whole else {name: take_rows(value, pos) for name, value in columns.items()}
+            specs, buffers = encode_columns(part)
+            body = p.PutRows(
+                partition_id=pid,
+                global_indexes=p.ids_to_wire(meta.global_indexes[pos]),
+                columns=specs,
+                schemas=put_schemas,
+                timeout=self.put_timeout,
+            )
+            sends.append(self._request(unit, body, buffers))
+        await self._gather(sends)
+        if self._notify is not None:
+            pids = np.asarray(meta.partition_ids, dtype=str)
+            await self._gather(
+                [self._notify(pid, meta.global_indexes[pids == pid], put_schemas) for pid in np.unique(pids)]
+            )
+
+    async def get_data(self, meta: BatchMeta, fields: Sequence[str] | None = None) -> TensorDict:
+        self._check_open()
+        known = meta.field_schema
+        fields = list(known) if fields is None else list(fields)
+        n = meta.size
+        groups = _groups(meta, len(self.addresses)) if fields else []
+        replies = await self._gather(
+            [
+                self._request(
+                    unit,
+                    p.GetRows(
+                        partition_id=pid,
+                        global_indexes=p.ids_to_wire(meta.global_indexes[pos]),
+                        fields=fields,
+                    ),
+                )
+                for pid, unit, pos in groups
+            ]
+        )
+        decoded = [
+            (pos, decode_columns(reply.columns, frames, copy=False))
+            for (_, _, pos), (reply, frames) in zip(groups, replies, strict=True)
+        ]
+        columns: dict[str, Any] = {}
+        for name in fields:
+            parts = []
+            for pos, cols in decoded:
+                if name not in cols:
+                    raise NotFoundError(
+                        f"field {name!r}: a storage unit answered without it for rows {pos[:8]}"
+                    )
+                parts.append((pos, cols[name]))
+            schema = _column_schema(name, known.get(name), parts)
+            if schema is None:
+                continue  # no rows and no schema: nothing can be said about the column
+            columns[name] = assemble(parts, n, schema, field=name)
+        return to_tensordict(columns, n)
+
+    async def clear_data(self, meta: BatchMeta) -> None:
+        self._check_open()
+        await self._gather(
+            [
+                self._request(
+                    unit, p.DropRows(partition_id=pid, global_indexes=p.ids_to_wire(meta.global_indexes[pos]))
+                )
+                for pid, unit, pos in _groups(meta, len(self.addresses))
+            ]
+        )
+
+    async def clear_partition(self, partition_id: str) -> None:
+        self._check_open()
+        await self._gather(
+            [self._request(u, p.DropPartition(partition_id=partition_id)) for u in range(len(self.addresses))]
+        )
+
+    async def export_partition(
+        self, partition_id: str
+    ) -> list[tuple[np.ndarray, dict[str, tuple[np.ndarray, Any]]]]:
+        """Per unit: every row of the partition and, per field, the rows having it and their values."""
+        from tq_loader.storage.service import decode_export
+
+        self._check_open()
+        replies = await self._gather(
+            [self._request(u, p.ExportRows(partition_id=partition_id)) for u in range(len(self.addresses))]
+        )
+        return [decode_export(reply, frames) for reply, frames in replies]
+
+    async def statistics(self) -> dict[str, Any]:
+        self._check_open()
+        results = await asyncio.gather(
+            *(self._request(u, p.Stats()) for u in range(len(self.addresses))), return_exceptions=True
+        )
+        units: dict[str, Any] = {}
+        for address, result in zip(self.addresses, results, strict=True):
+            if isinstance(result, BaseException):
+                units[address] = {"error": f"{type(result).__name__}: {result}"}
+            else:
+                units[address] = result[0].stats
+        rows = sum(u.get("rows", 0) for u in units.values())
+        return {"backend": "simple", "num_units": len(self.addresses), "rows": rows, "units": units}
+
+    async def close(self) -> None:
+        self._closed = True
+
+
+def _column_schema(
+    name: str, known: FieldSchema | None, parts: list[tuple[np.ndarray, Any]]
+) -> FieldSchema | None:
+    """The column's schema: the metadata's, widened by what the units hold (only if it is stale)."""
+    schema = known
+    try:
+        for pos, value in parts:
+            if len(pos):
+                seen = schema_of(value, name)
+                schema = seen if schema is None else schema.merge(seen)
+    except SchemaError as exc:
+        raise SchemaError(f"field {name!r}: {exc}") from None
+    return schema
+
+
+# --------------------------------------------------------------------------- registry
+
+_BACKENDS: dict[str, type[StorageManager]] = {}
+
+
+def register_storage_manager(name: str, cls: type[StorageManager]) -> None:
+    """Make ``cls`` buildable by ``make_storage_manager(name, ...)`` (names are case-insensitive)."""
+    if not (isinstance(cls, type) and issubclass(cls, StorageManager)):
+        raise TypeError(f"{cls!r} is not a StorageManager subclass")
+    _BACKENDS[name.lower()] = cls
+
+
+def registered_storage_managers() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def make_storage_manager(name: str, **kwargs: Any) -> StorageManager:
+    """Build the storage manager registered as ``name`` with ``kwargs``."""
+    cls = _BACKENDS.get(str(name).lower())
+    if cls is None:
+        raise NotFoundError(
+            f"unknown storage backend {name!r}; registered: {registered_storage_managers()}. "
+            "Register it with tq_loader.storage.register_storage_manager(name, cls)"
+        )
+    return cls(**kwargs)
+
+
+register_storage_manager("simple", SimpleStorageManager)

@@ -1,0 +1,162 @@
+"""A :class:`SimpleStorageUnit` served over the transport: one ``handle`` for ``transport.Server``.
+
+Puts into a full unit wait (without polling) on a condition that every drop notifies, bounded by
+the request's deadline and ``put_timeout``; then they fail with a ``CapacityError`` that says how to
+free space. Bad requests raise typed errors, which the Server turns into error replies.
+
+``ExportRows`` (checkpoints) answers with a ``RowsReply`` whose ``global_indexes`` are all the
+partition's rows and whose columns come in pairs per field: the field's values, then an int64
+column named :data:`EXPORT_IDS_PREFIX` + field with the rows that have it. :func:`decode_export`
+reads such a reply back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from tq_loader import protocol as p
+from tq_loader.codec import decode_columns, encode_columns
+from tq_loader.errors import CapacityError, ProtocolError
+from tq_loader.storage.unit import SimpleStorageUnit
+from tq_loader.transport import RequestContext
+
+__all__ = ["EXPORT_IDS_PREFIX", "StorageUnitService", "decode_export"]
+
+EXPORT_IDS_PREFIX = "\x00ids:"  # a field name no user writes (NUL), so it cannot clash
+
+
+class StorageUnitService:
+    """Serves PutRows, GetRows, DropRows, DropPartition, ExportRows and Stats for one unit."""
+
+    def __init__(self, unit: SimpleStorageUnit, put_timeout: float = 30.0) -> None:
+        self.unit = unit
+        self.put_timeout = put_timeout
+        self._space: asyncio.Condition | None = None  # made lazily: bound to the serving loop
+        self._waiting = 0
+        self._capacity_errors = 0
+        self._handlers = {
+            p.PutRows: self._put,
+            p.GetRows: self._get,
+            p.DropRows: self._drop,
+            p.DropPartition: self._drop_partition,
+            p.ExportRows: self._export,
+            p.Stats: self._stats,
+        }
+
+    async def handle(
+        self, ctx: RequestContext, request: Any, buffers: list[memoryview]
+    ) -> tuple[Any, Sequence[Any]]:
+        handler = self._handlers.get(type(request))
+        if handler is None:
+            raise ProtocolError(
+                f"a storage unit does not serve {type(request).__name__}; send it to the controller"
+            )
+        return await handler(ctx, request, buffers)
+
+    def _condition(self) -> asyncio.Condition:
+        if self._space is None:
+            self._space = asyncio.Condition()
+        return self._space
+
+    async def _freed(self) -> None:
+        cond = self._condition()
+        async with cond:
+            cond.notify_all()
+
+    # ------------------------------------------------------------ requests
+    async def _put(self, ctx: RequestContext, req: p.PutRows, buffers: list[memoryview]) -> tuple[Any, list]:
+        ids = p.ids_from_wire(req.global_indexes)
+        columns = decode_columns(req.columns, buffers, copy=False)  # views; the unit copies them in
+        pid, unit = req.partition_id, self.unit
+        need = unit.new_row_count(pid, ids)
+        if not unit.has_room(need):
+            if unit.capacity_rows is not None and need > unit.capacity_rows:
+                raise CapacityError(
+                    f"partition {pid!r}: a put of {need} new rows can never fit a storage unit of "
+                    f"{unit.capacity_rows} rows; split the batch or raise storage.capacity_rows"
+                )
+            await self._wait_for_room(ctx, req, ids, need)
+        unit.put(pid, ids, columns, req.schemas, copy_objects=False)
+        return p.Ok(), []
+
+    async def _wait_for_room(self, ctx: RequestContext, req: p.PutRows, ids: np.ndarray, need: int) -> None:
+        limits = [t for t in (ctx.remaining(), req.timeout, self.put_timeout) if t is not None]
+        timeout = max(0.0, min(limits)) if limits else None
+        cond, unit, pid = self._condition(), self.unit, req.partition_id
+        self._waiting += 1
+        try:
+            async with cond:
+                await asyncio.wait_for(
+                    cond.wait_for(lambda: unit.has_room(unit.new_row_count(pid, ids))), timeout
+                )
+        except asyncio.TimeoutError:  # (TimeoutError itself from Python 3.11 on)
+            self._capacity_errors += 1
+            raise CapacityError(
+                f"storage unit full: it holds {unit.rows} of {unit.capacity_rows} rows and partition "
+                f"{pid!r} needs {need} more; waited {timeout:.1f}s for space. Free space by clearing "
+                "consumed rows (clear_samples / clear_partition), or raise storage.capacity_rows / "
+                "add storage units"
+            ) from None
+        finally:
+            self._waiting -= 1
+
+    async def _get(self, ctx: RequestContext, req: p.GetRows, buffers: list[memoryview]) -> tuple[Any, list]:
+        ids = p.ids_from_wire(req.global_indexes)
+        columns = self.unit.get(req.partition_id, ids, req.fields, copy_objects=False)
+        specs, bufs = encode_columns(columns)
+        return p.RowsReply(global_indexes=req.global_indexes, columns=specs), bufs
+
+    async def _drop(
+        self, ctx: RequestContext, req: p.DropRows, buffers: list[memoryview]
+    ) -> tuple[Any, list]:
+        freed = self.unit.drop(req.partition_id, p.ids_from_wire(req.global_indexes))
+        if freed:
+            await self._freed()
+        return p.Ok(), []
+
+    async def _drop_partition(
+        self, ctx: RequestContext, req: p.DropPartition, buffers: list[memoryview]
+    ) -> tuple[Any, list]:
+        if self.unit.drop_partition(req.partition_id):
+            await self._freed()
+        return p.Ok(), []
+
+    async def _export(
+        self, ctx: RequestContext, req: p.ExportRows, buffers: list[memoryview]
+    ) -> tuple[Any, list]:
+        ids, fields = self.unit.export(req.partition_id)
+        specs, bufs = [], []
+        for name, (field_ids, value) in fields.items():
+            s, b = encode_columns({name: value, EXPORT_IDS_PREFIX + name: torch.from_numpy(field_ids)})
+            specs.extend(s)
+            bufs.extend(b)
+        return p.RowsReply(global_indexes=p.ids_to_wire(ids), columns=specs), bufs
+
+    async def _stats(self, ctx: RequestContext, req: p.Stats, buffers: list[memoryview]) -> tuple[Any, list]:
+        stats = self.unit.statistics()
+        stats["service"] = {"puts_waiting": self._waiting, "capacity_errors": self._capacity_errors}
+        return p.StatsReply(stats=stats), []
+
+    def statistics(self) -> dict[str, Any]:
+        return {**self.unit.statistics(), "service": {"puts_waiting": self._waiting}}
+
+
+def decode_export(
+    reply: p.RowsReply, buffers: Sequence[Any]
+) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, Any]]]:
+    """``(ids, {field: (ids_having_field, value)})`` from an ``ExportRows`` reply."""
+    columns = decode_columns(reply.columns, buffers, copy=True)
+    fields: dict[str, tuple[np.ndarray, Any]] = {}
+    for name, value in columns.items():
+        if name.startswith(EXPORT_IDS_PREFIX):
+            continue
+        field_ids = columns.get(EXPORT_IDS_PREFIX + name)
+        if not isinstance(field_ids, torch.Tensor) or field_ids.dtype != torch.int64:
+            raise ProtocolError(f"export reply: field {name!r} comes without its int64 row ids")
+        fields[name] = (field_ids.numpy().copy(), value)
+    return p.ids_from_wire(reply.global_indexes), fields

@@ -1,0 +1,337 @@
+"""ZMQ transport on asyncio: a ROUTER ``Server`` and a DEALER ``Connection``.
+
+* Every request carries an id that its reply echoes, so many requests are in flight on one socket
+  and replies may come back in any order.
+* Deadlines are the server's: a request's ``timeout`` travels with it and the server answers with
+  a ``TQTimeoutError`` reply when it passes. The client waits a little longer (``grace``) and only
+  then gives up on its own -- so a server never hands out rows to a client that stopped listening.
+* A handler's exception becomes an error reply that the client re-raises with the same type; the
+  server survives garbage frames, unknown messages and truncated headers.
+* A lost connection (peer process died) fails the requests in flight with ``TQConnectionError``.
+* Binding beyond loopback requires an auth token, checked on every request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from tq_loader.errors import (
+    ClosedError,
+    ProtocolError,
+    TQConnectionError,
+    TQError,
+    TQTimeoutError,
+    error_from_wire,
+    error_to_wire,
+)
+from tq_loader.protocol import (
+    PROTOCOL_VERSION,
+    Reply,
+    ReplyEnvelope,
+    Request,
+    RequestEnvelope,
+    decode_reply,
+    decode_request,
+    encode,
+)
+
+__all__ = ["Connection", "Handler", "RequestContext", "Server", "is_loopback"]
+
+log = logging.getLogger(__name__)
+Buffer = Any  # anything with the buffer protocol
+Handler = Callable[["RequestContext", Request, list[memoryview]], Awaitable[tuple[Reply, Sequence[Buffer]]]]
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _buffers_nbytes(buffers: Sequence[Buffer]) -> int:
+    return sum(memoryview(b).nbytes for b in buffers)
+
+
+@dataclass
+class RequestContext:
+    """What a handler knows about the request it serves."""
+
+    request_id: int
+    deadline: float | None  # loop.time() at which the client's timeout passes
+    loop: asyncio.AbstractEventLoop = field(repr=False)
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - self.loop.time()
+
+    def expired(self) -> bool:
+        return self.deadline is not None and self.loop.time() >= self.deadline
+
+
+@dataclass
+class _ServerStats:
+    requests: int = 0
+    errors: int = 0
+    malformed: int = 0
+    in_flight: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+class Server:
+    """Serve ``handler`` on a ROUTER socket; each request runs as its own task."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        auth_token: str | None = None,
+        name: str = "service",
+    ) -> None:
+        if not is_loopback(host) and not auth_token:
+            raise ValueError(
+                f"{name}: binding to {host!r} exposes the service beyond this machine; "
+                "set an auth_token (config `auth_token`) or bind to 127.0.0.1"
+            )
+        self.handler, self.host, self.port, self.name = handler, host, port, name
+        self._token = auth_token
+        self._sock: zmq.asyncio.Socket | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        self.stats = _ServerStats()
+        self.address = ""
+
+    async def start(self) -> str:
+        ctx = zmq.asyncio.Context.instance()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if self.port:
+            sock.bind(f"tcp://{self.host}:{self.port}")
+        else:
+            self.port = sock.bind_to_random_port(f"tcp://{self.host}")
+        self._sock = sock
+        self.address = f"tcp://{self.host}:{self.port}"
+        self._task = asyncio.get_running_loop().create_task(self._serve())
+        return self.address
+
+    async def _serve(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                frames = await self._sock.recv_multipart(copy=False)
+            except (asyncio.CancelledError, zmq.ContextTerminated):
+                return
+            except zmq.ZMQError as exc:  # a closed socket ends the server; anything else is logged
+                if self._sock.closed:
+                    return
+                log.warning("%s: receive failed: %s", self.name, exc)
+                continue
+            task = asyncio.get_running_loop().create_task(self._handle(frames))
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+
+    async def _handle(self, frames: list[zmq.Frame]) -> None:
+        identity = frames[0].bytes
+        self.stats.in_flight += 1
+        request_id = -1
+        try:
+            self.stats.bytes_in += sum(len(f) for f in frames[1:])
+            if len(frames) < 2:
+                raise ProtocolError("message without a header frame")
+            envelope = decode_request(frames[1].buffer)
+            request_id = envelope.id
+            self._check(envelope)
+            loop = asyncio.get_running_loop()
+            deadline = None if envelope.timeout is None else loop.time() + max(0.0, envelope.timeout)
+            ctx = RequestContext(request_id, deadline, loop)
+            self.stats.requests += 1
+            reply, buffers = await self.handler(ctx, envelope.body, [f.buffer for f in frames[2:]])
+            out: list[Any] = [identity, encode(ReplyEnvelope(request_id, reply)), *buffers]
+        except asyncio.CancelledError:
+            self.stats.in_flight -= 1
+            raise
+        except Exception as exc:  # every failure becomes a typed error reply; the server keeps serving
+            self.stats.errors += 1
+            if isinstance(exc, ProtocolError):
+                self.stats.malformed += 1
+            elif not isinstance(exc, TQError | ValueError | KeyError | TypeError | TimeoutError):
+                log.exception("%s: handler failed on request %d", self.name, request_id)
+            kind, message = error_to_wire(exc)
+            out = [identity, encode(ReplyEnvelope(request_id, None, kind, message))]
+        self.stats.in_flight -= 1
+        await self._send(out)
+
+    def _check(self, envelope: RequestEnvelope) -> None:
+        if envelope.version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"protocol version {envelope.version} != {PROTOCOL_VERSION}: "
+                "client and server run different tq_loader versions"
+            )
+        if self._token and not hmac.compare_digest(envelope.token or "", self._token):
+            raise TQConnectionError(f"{self.name}: missing or wrong auth token")
+
+    async def _send(self, frames: list[Any]) -> None:
+        if self._sock is None or self._sock.closed:
+            return
+        try:
+            await self._sock.send_multipart(frames, copy=False)
+            self.stats.bytes_out += _buffers_nbytes(frames[1:])
+        except zmq.ZMQError as exc:  # the client went away (EHOSTUNREACH): nothing to deliver to
+            log.debug("%s: reply dropped: %s", self.name, exc)
+
+    async def close(self) -> None:
+        for task in [*self._handlers, self._task]:
+            if task is not None:
+                task.cancel()
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def statistics(self) -> dict[str, Any]:
+        return {"address": self.address, **vars(self.stats)}
+
+
+class Connection:
+    """A DEALER socket to one server, owned by one event loop; safe for many concurrent requests."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        auth_token: str | None = None,
+        connect_timeout: float = 10.0,
+        grace: float = 5.0,
+    ) -> None:
+        self.address = address
+        self._token = auth_token
+        self.connect_timeout = connect_timeout
+        self.grace = grace
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[tuple[ReplyEnvelope, list[memoryview]]]] = {}
+        self._sock: zmq.asyncio.Socket | None = None
+        self._connected: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+        self.ever_connected = False
+
+    def _open(self) -> zmq.asyncio.Socket:
+        if self._closed:
+            raise ClosedError(f"connection to {self.address} is closed")
+        if self._sock is None:
+            sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)
+            sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue requests for a peer that is not there
+            monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            self._connected = asyncio.Event()
+            sock.connect(self.address)
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._read(sock)), loop.create_task(self._watch(monitor))]
+            self._sock = sock
+        return self._sock
+
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        assert self._connected is not None
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_CONNECTED:
+                    self.ever_connected = True
+                    self._connected.set()
+                elif event["event"] == zmq.EVENT_DISCONNECTED:
+                    self._connected.clear()
+                    self._fail_all(TQConnectionError(f"lost connection to {self.address} (did it stop?)"))
+        except (asyncio.CancelledError, zmq.ZMQError):
+            return
+        finally:
+            monitor.close(linger=0)
+
+    async def _read(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            try:
+                frames = await sock.recv_multipart(copy=False)
+            except (asyncio.CancelledError, zmq.ZMQError):
+                return
+            try:
+                envelope = decode_reply(frames[0].buffer)
+            except ProtocolError as exc:
+                log.warning("dropping a malformed reply from %s: %s", self.address, exc)
+                continue
+            future = self._pending.pop(envelope.id, None)
+            if future is not None and not future.done():
+                future.set_result((envelope, [f.buffer for f in frames[1:]]))
+
+    def _fail_all(self, exc: Exception) -> None:
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(exc)
+
+    async def request(
+        self, body: Request, buffers: Sequence[Buffer] = (), *, timeout: float | None = None
+    ) -> tuple[Reply, list[memoryview]]:
+        """Send ``body`` (+ raw ``buffers``) and wait for its reply; typed errors are re-raised."""
+        sock = self._open()
+        assert self._connected is not None
+        if not self._connected.is_set():
+            try:
+                await asyncio.wait_for(self._connected.wait(), self.connect_timeout)
+            except TimeoutError:
+                raise TQConnectionError(
+                    f"cannot reach {self.address} within {self.connect_timeout:.0f}s; is the service running?"
+                ) from None
+        request_id = next(self._ids)
+        future: asyncio.Future[tuple[ReplyEnvelope, list[memoryview]]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._pending[request_id] = future
+        header = encode(RequestEnvelope(request_id, body, timeout, self._token))
+        started = time.monotonic()
+        try:
+            await sock.send_multipart([header, *buffers], copy=False)
+        except zmq.Again:
+            self._pending.pop(request_id, None)
+            raise TQConnectionError(f"{self.address} is not connected; is the service running?") from None
+        wait = None if timeout is None else timeout + self.grace
+        try:
+            envelope, frames = await asyncio.wait_for(future, wait)
+        except TimeoutError:
+            raise TQTimeoutError(
+                f"{type(body).__name__} to {self.address}: no reply within {time.monotonic() - started:.1f}s"
+            ) from None
+        finally:
+            self._pending.pop(request_id, None)
+        if envelope.error_kind is not None:
+            raise error_from_wire(envelope.error_kind, envelope.error_message or "")
+        if envelope.body is None:
+            raise ProtocolError(f"empty reply to {type(body).__name__} from {self.address}")
+        return envelope.body, frames
+
+    async def close(self) -> None:
+        self._closed = True
+        self._fail_all(ClosedError(f"connection to {self.address} was closed"))
+        for task in self._tasks:
+            task.cancel()
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
