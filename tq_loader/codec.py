@@ -198,7 +198,6 @@ def _encode_jagged(
 
 
 def _encode_njt(name: str, nt: torch.Tensor) -> tuple[ColumnSpec, list[memoryview]]:
-    _dtype_name(nt.dtype, name)
     if nt.lengths() is not None:  # a view with holes between rows: compact it first
         nt = nt.contiguous()
     rdim = nt._ragged_idx - 1  # ragged dim of a row (the nested dim minus the batch dim)
@@ -214,23 +213,16 @@ def _encode_tensor_rows(
 ) -> tuple[ColumnSpec, list[memoryview]]:
     """Per-row tensors: same shapes -> dense, one varying dim -> jagged, otherwise -> rows."""
     dtype_name = _dtype_name(dtype, name)
-    if (
-        len({t.dtype for t in rows}) > 1
-        or len({t.dim() for t in rows}) > 1
-        or len({t.device for t in rows}) > 1
-    ):
+    if len({(t.dtype, t.dim(), t.device) for t in rows}) > 1:
         raise SchemaError(
             f"field {name!r}: rows differ in dtype, number of dimensions or device; "
             "give every row of a field the same dtype, rank and device"
         )
-    device = str(rows[0].device) if rows else "cpu"
-    ndim = rows[0].dim() if rows else 0
+    device, ndim = (str(rows[0].device), rows[0].dim()) if rows else ("cpu", 0)
     shapes = torch.tensor([tuple(t.shape) for t in rows], dtype=torch.int64).reshape(len(rows), ndim)
     varying = (shapes != shapes[:1]).any(0).nonzero().flatten().tolist() if rows else []
     if not force_rows and rows and not varying:
-        stacked = torch.stack([t.detach() for t in rows])
-        spec, bufs = _encode_dense(name, stacked)
-        return msgspec.structs.replace(spec, device=device), bufs
+        return _encode_dense(name, torch.stack([t.detach() for t in rows]))
     if not force_rows and len(varying) == 1:
         rdim = varying[0]
         offsets = torch.zeros(len(rows) + 1, dtype=torch.int64)
@@ -324,21 +316,15 @@ def _check_spec(spec: ColumnSpec) -> None:
         raise ProtocolError(
             f"{where}: kind {spec.kind} owns {_NBUF[spec.kind]} buffers, header says {spec.nbuf}"
         )
-    if (spec.dtype == "object") != (spec.kind == "object") or (
-        spec.kind != "object" and spec.dtype not in _DTYPES
-    ):
+    if spec.dtype not in (("object",) if spec.kind == "object" else _DTYPES):
         raise ProtocolError(f"{where}: dtype {spec.dtype!r} is not valid for kind {spec.kind}")
     shape, ndim = spec.shape, len(spec.shape)
     if (spec.kind in ("rows", "object") and ndim != 1) or not 1 <= ndim <= _MAX_NDIM:
         raise ProtocolError(f"{where}: bad shape {shape} for kind {spec.kind}")
-    if spec.kind == "jagged":
-        ok = 0 <= spec.ragged_dim < ndim and shape[spec.ragged_dim] == -1
-        if not ok or sum(d < 0 for d in shape) != 1:
-            raise ProtocolError(
-                f"{where}: jagged shape {shape} needs exactly one -1, at ragged_dim {spec.ragged_dim}"
-            )
-    elif any(d < 0 for d in shape) or spec.ragged_dim != -1:
-        raise ProtocolError(f"{where}: negative size or ragged_dim in {shape} for kind {spec.kind}")
+    rdim = spec.ragged_dim if spec.kind == "jagged" else -1
+    negative = [i for i, d in enumerate(shape) if d < 0]
+    if spec.ragged_dim != rdim or negative != ([rdim] if rdim >= 0 else []) or shape[rdim] < -1:
+        raise ProtocolError(f"{where}: bad shape {shape} / ragged_dim {spec.ragged_dim} for kind {spec.kind}")
     if spec.nbytes < 0:
         raise ProtocolError(f"{where}: negative nbytes {spec.nbytes}")
 
@@ -430,11 +416,12 @@ def _decode_rows(spec: ColumnSpec, bufs: list[memoryview], copy: bool) -> torch.
         return [p.clone() if copy else p for p in parts]
 
 
-def _decode_object(spec: ColumnSpec, bufs: list[memoryview], copy: bool) -> list[Any]:
-    return decode_objects(bufs[0], spec.shape[0], spec.name)
-
-
-_DECODERS = {"dense": _decode_dense, "jagged": _decode_jagged, "rows": _decode_rows, "object": _decode_object}
+_DECODERS = {
+    "dense": _decode_dense,
+    "jagged": _decode_jagged,
+    "rows": _decode_rows,
+    "object": lambda spec, bufs, copy: decode_objects(bufs[0], spec.shape[0], spec.name),
+}
 
 
 def decode_columns(
@@ -457,10 +444,8 @@ def decode_columns(
             raise ProtocolError(f"column {spec.name!r} appears twice in one message")
         bufs = [_byte_view(b, spec.name) for b in buffers[pos : pos + spec.nbuf]]
         pos += spec.nbuf
-        if sum(b.nbytes for b in bufs) != spec.nbytes:
-            raise ProtocolError(
-                f"column {spec.name!r}: buffers hold {sum(b.nbytes for b in bufs)} bytes, header says {spec.nbytes}"
-            )
+        if (got := sum(b.nbytes for b in bufs)) != spec.nbytes:
+            raise ProtocolError(f"column {spec.name!r}: buffers hold {got} bytes, header says {spec.nbytes}")
         out[spec.name] = _DECODERS[spec.kind](spec, bufs, copy)
     return out
 

@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import msgspec
 import numpy as np
 import torch
-from tensordict import NonTensorData, NonTensorStack, TensorDictBase
+from tensordict import TensorDictBase
 
 from tq_loader.errors import NotFoundError, ProtocolError, SchemaError
-from tq_loader.schema import OBJECT_DTYPE, FieldSchema
+from tq_loader.schema import FieldSchema, dtype_name, normalize_schema, schema_of
 
 __all__ = [
     "NOT_PRODUCED",
@@ -39,113 +38,8 @@ __all__ = [
 ]
 
 NOT_PRODUCED, READY_FOR_CONSUME = 0, 1
-_OBJECT = FieldSchema(OBJECT_DTYPE, (), False, True)
 _WIRE_VERSION = 1
 _PLAIN = (type(None), bool, int, float, str, bytes)
-
-
-# ---------------------------------------------------------------- schemas
-
-
-def dtype_name(dtype: Any) -> str:
-    """Canonical name (``"float32"``, ``"object"``) of a torch/numpy dtype, a dtype name or a Python type."""
-    if isinstance(dtype, torch.dtype):
-        return str(dtype).removeprefix("torch.")
-    if isinstance(dtype, str):
-        name = dtype.removeprefix("torch.")
-        if name == OBJECT_DTYPE:
-            return name
-        found = getattr(torch, name, None)
-        if isinstance(found, torch.dtype):
-            return str(found).removeprefix("torch.")  # aliases: "float" -> "float32"
-        raise SchemaError(f"unknown dtype {dtype!r}; use a torch dtype name such as 'float32', or 'object'")
-    if isinstance(dtype, np.dtype) or (isinstance(dtype, type) and issubclass(dtype, np.generic)):
-        np_dtype = np.dtype(dtype)
-        return OBJECT_DTYPE if np_dtype.kind in "OUSV" else dtype_name(np_dtype.name)
-    if isinstance(dtype, type):  # TransferQueue records a non-tensor column's Python type (str, dict, ...)
-        return OBJECT_DTYPE
-    raise SchemaError(f"cannot interpret {dtype!r} as a dtype; pass a torch.dtype or a name like 'int64'")
-
-
-def _dims(shape: Iterable[Any]) -> tuple[int, ...]:
-    """Per-row shape as ints; symbolic (ragged) sizes of a jagged tensor become -1."""
-    return tuple(d if isinstance(d, int) else -1 for d in shape)
-
-
-def _merge_shapes(shapes: Sequence[Sequence[int]], field: str) -> tuple[tuple[int, ...], bool]:
-    """Common per-row shape of ``shapes`` with -1 where they differ, and whether any differ."""
-    if not shapes:
-        return (), False
-    ranks = {len(s) for s in shapes}
-    if len(ranks) != 1:
-        raise SchemaError(
-            f"field {field!r}: rows have different ranks {sorted(ranks)}; give every row the same ndim"
-        )
-    arr = np.asarray(shapes, dtype=np.int64).reshape(len(shapes), ranks.pop())
-    varies = (arr != arr[0]).any(axis=0)
-    return tuple(-1 if v else int(d) for v, d in zip(varies, arr[0])), bool(varies.any())
-
-
-def normalize_schema(meta: Any, field: str = "?") -> FieldSchema:
-    """A FieldSchema from a FieldSchema, a wire list, or a TransferQueue-style schema dict."""
-    if isinstance(meta, FieldSchema):
-        return meta
-    if isinstance(meta, Mapping):
-        raw, non_tensor = meta.get("dtype"), meta.get("is_non_tensor")
-        if raw is None and not non_tensor:
-            raise SchemaError(
-                f"field {field!r}: schema has no dtype; give one (e.g. 'float32') or is_non_tensor=True"
-            )
-        dtype = OBJECT_DTYPE if non_tensor or raw is None else dtype_name(raw)
-        if dtype == OBJECT_DTYPE:
-            return _OBJECT
-        nested = bool(meta.get("is_nested", False))
-        if meta.get("shape") is not None:
-            shape = _dims(meta["shape"])
-        else:
-            shape, ragged = _merge_shapes(meta.get("per_sample_shapes") or [], field)
-            nested = nested or ragged
-        return FieldSchema(dtype, shape, nested or -1 in shape, False)
-    if isinstance(meta, (list, tuple)) and len(meta) == 4:
-        return FieldSchema(dtype_name(meta[0]), _dims(meta[1]), bool(meta[2]), bool(meta[3]))
-    raise SchemaError(
-        f"field {field!r}: cannot read schema {meta!r}; pass a FieldSchema or a dict with a dtype"
-    )
-
-
-def schema_of(value: Any, field: str = "?") -> FieldSchema:
-    """Schema of one column (rows along dim 0), decided by its type and per-row shapes only."""
-    if isinstance(value, (NonTensorData, NonTensorStack)):
-        return _OBJECT
-    if isinstance(value, TensorDictBase):
-        raise SchemaError(f"field {field!r} is a nested TensorDict; flatten it first (td.flatten_keys('.'))")
-    if isinstance(value, torch.Tensor):
-        dtype = dtype_name(value.dtype)
-        if not value.is_nested:
-            if value.dim() == 0:
-                raise SchemaError(f"field {field!r} is a 0-d tensor; a column needs a batch dimension")
-            return FieldSchema(dtype, tuple(value.shape[1:]))
-        if value.layout == torch.jagged:
-            return FieldSchema(dtype, _dims(value.shape[1:]), True, False)
-        shape, _ = _merge_shapes([tuple(t.shape) for t in value.unbind()], field)  # strided nested
-        return FieldSchema(dtype, shape, True, False)
-    if isinstance(value, np.ndarray) and value.dtype.kind not in "OUSV":
-        if value.ndim == 0:
-            raise SchemaError(f"field {field!r} is a 0-d array; a column needs a batch dimension")
-        return FieldSchema(dtype_name(value.dtype), tuple(value.shape[1:]))
-    if isinstance(value, (list, tuple)):
-        is_tensor = [isinstance(v, torch.Tensor) for v in value]
-        if value and all(is_tensor):
-            dtypes = {v.dtype for v in value}
-            if len(dtypes) > 1:
-                raise SchemaError(
-                    f"field {field!r}: rows have dtypes {sorted(map(str, dtypes))}; cast to one dtype"
-                )
-            shape, ragged = _merge_shapes([tuple(v.shape) for v in value], field)
-            return FieldSchema(dtype_name(dtypes.pop()), shape, ragged, False)
-        if any(is_tensor):
-            raise SchemaError(f"field {field!r} mixes tensors and other values; use one kind per field")
-    return _OBJECT
 
 
 # ---------------------------------------------------------------- helpers
@@ -701,132 +595,4 @@ class BatchMeta:
             raise ProtocolError(f"malformed BatchMeta wire form: {type(e).__name__}: {e}") from e
 
 
-# ---------------------------------------------------------------- KVBatchMeta
-
-
-class KVBatchMeta:
-    """Metadata of the key-value interface: user keys with per-key tags in one partition."""
-
-    __slots__ = ("extra_info", "fields", "keys", "partition_id", "tags")
-
-    def __init__(
-        self,
-        keys: Sequence[str] | None = None,
-        tags: Sequence[dict[str, Any]] | None = None,
-        partition_id: str | None = None,
-        fields: Sequence[str] | None = None,
-        extra_info: dict[str, Any] | None = None,
-    ) -> None:
-        self.keys: list[str] = list(keys or [])
-        self.tags: list[dict[str, Any]] = (
-            [{} for _ in self.keys] if tags is None else copy.deepcopy(list(tags))
-        )
-        if len(self.keys) != len(self.tags):
-            raise SchemaError(
-                f"keys and tags must have the same length, got {len(self.keys)} and {len(self.tags)}"
-            )
-        if not all(isinstance(k, str) for k in self.keys) or not all(isinstance(t, dict) for t in self.tags):
-            raise SchemaError("KVBatchMeta keys must be strings and tags dicts (one per key)")
-        if len(set(self.keys)) != len(self.keys):
-            raise SchemaError(f"duplicate keys: {[k for k, c in Counter(self.keys).items() if c > 1]}")
-        if fields is not None and len(set(fields)) != len(fields):
-            raise SchemaError(f"duplicate fields in {list(fields)}")
-        self.partition_id = partition_id
-        self.fields: list[str] | None = None if fields is None else list(fields)
-        self.extra_info: dict[str, Any] = copy.deepcopy(extra_info or {})
-
-    @property
-    def size(self) -> int:
-        return len(self.keys)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def _with(self, keys: list[str], tags: list[dict[str, Any]]) -> KVBatchMeta:
-        return KVBatchMeta(keys, tags, self.partition_id, self.fields, self.extra_info)
-
-    def select_keys(self, keys: Sequence[str]) -> KVBatchMeta:
-        """New batch of ``keys`` (in that order); unknown keys raise ``NotFoundError``."""
-        keys = list(keys)
-        if len(set(keys)) != len(keys):
-            raise SchemaError(f"select_keys got duplicate keys in {keys}")
-        where = {k: i for i, k in enumerate(self.keys)}
-        missing = [k for k in keys if k not in where]
-        if missing:
-            raise NotFoundError(f"keys {missing} not in this batch (partition {self.partition_id!r})")
-        return self._with(keys, [self.tags[where[k]] for k in keys])
-
-    def reorder(self, indexes: Sequence[int]) -> None:
-        """Permute the keys (and tags) in place."""
-        pos = _int_array(indexes, "reorder indexes").tolist()
-        if sorted(pos) != list(range(self.size)):
-            raise SchemaError(f"reorder indexes must be a permutation of range({self.size}), got {pos}")
-        self.keys = [self.keys[i] for i in pos]
-        self.tags = [self.tags[i] for i in pos]
-
-    def chunk(self, chunks: int) -> list[KVBatchMeta]:
-        """Split into ``chunks`` batches; the first ``size % chunks`` are one key longer."""
-        return [self._with(self.keys[s], self.tags[s]) for s in _chunk_slices(self.size, chunks)]
-
-    @classmethod
-    def concat(cls, data: Iterable[KVBatchMeta]) -> KVBatchMeta:
-        """All keys of ``data`` in order; partitions and field sets must match (``SchemaError``)."""
-        parts = [b for b in data if b.size > 0]
-        if not parts:
-            return cls()
-        first = parts[0]
-        for i, part in enumerate(parts[1:], start=1):
-            if part.partition_id != first.partition_id:
-                raise SchemaError(
-                    f"concat: batch {i} is in partition {part.partition_id!r}, not {first.partition_id!r}"
-                )
-            if part.fields is not None and first.fields is not None and set(part.fields) != set(first.fields):
-                raise SchemaError(f"concat: batch {i} has fields {part.fields}, batch 0 has {first.fields}")
-        return cls(
-            [k for p in parts for k in p.keys], [t for p in parts for t in p.tags], first.partition_id,
-            first.fields, _merge_extra_info([p.extra_info for p in parts]),
-        )  # fmt: skip
-
-    def copy(self) -> KVBatchMeta:
-        return self._with(self.keys, self.tags)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, KVBatchMeta):
-            return NotImplemented
-        return (
-            self.keys == other.keys
-            and self.partition_id == other.partition_id
-            and self.fields == other.fields
-            and _values_equal(self.tags, other.tags)
-            and _values_equal(self.extra_info, other.extra_info)
-        )
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"KVBatchMeta(size={self.size}, partition_id={self.partition_id!r}, fields={self.fields})"
-
-    def to_wire(self) -> dict[str, Any]:
-        """Plain msgpack-able dict; see :meth:`from_wire`."""
-        _check_plain(self.extra_info, "extra_info")
-        _check_plain(self.tags, "tags")
-        return {
-            "v": _WIRE_VERSION,
-            "keys": list(self.keys),
-            "tags": list(self.tags),
-            "partition_id": self.partition_id,
-            "fields": self.fields,
-            "extra_info": dict(self.extra_info),
-        }
-
-    @classmethod
-    def from_wire(cls, d: Mapping[str, Any]) -> KVBatchMeta:
-        """Inverse of :meth:`to_wire`; ``ProtocolError`` on a malformed dict."""
-        try:
-            if d["v"] != _WIRE_VERSION:
-                raise ProtocolError(f"KVBatchMeta wire version {d['v']!r}, this side speaks {_WIRE_VERSION}")
-            return cls(d["keys"], d["tags"], d["partition_id"], d["fields"], d["extra_info"])
-        except ProtocolError:
-            raise
-        except (KeyError, TypeError, ValueError) as e:
-            raise ProtocolError(f"malformed KVBatchMeta wire form: {type(e).__name__}: {e}") from e
+from tq_loader.metadata_kv import KVBatchMeta  # noqa: E402  (re-export; it builds on the helpers above)
