@@ -496,6 +496,12 @@ def test_header_lies_are_rejected() -> None:
     for spec in bad:
         with pytest.raises(ProtocolError):
             decode_columns([*specs[:i], spec, *specs[i + 1 :]], wire)
+    j, _ = _spec(specs, "j")
+    for spec in [msgspec.structs.replace(specs[j], ragged_dim=r) for r in (-1, 1, 5)] + [
+        msgspec.structs.replace(specs[j], shape=s) for s in ((-2,), (1,), (-1, -1))
+    ]:
+        with pytest.raises(ProtocolError):
+            decode_columns([*specs[:j], spec, *specs[j + 1 :]], wire)
     with pytest.raises(ProtocolError, match="twice"):
         decode_columns([specs[i], specs[i]], [wire[0], wire[0]])
 
@@ -585,24 +591,50 @@ def test_header_roundtrip_and_known_garbage() -> None:
             decode_header(raw)
 
 
-_fuzz_specs = st.builds(
-    ColumnSpec,
-    name=st.sampled_from(["a", "b", "c"]),
-    kind=st.sampled_from([*KINDS, "bogus"]),
-    dtype=st.sampled_from(["float32", "bool", "int64", "bfloat16", "object", "nope"]),
-    shape=st.lists(st.integers(-2, 2**41) | st.integers(0, 4), max_size=4).map(tuple),
-    nbuf=st.integers(0, 3),
-    device=st.just("cpu"),
-    ragged_dim=st.integers(-2, 3),
-    nbytes=st.integers(-1, 64),
-)
+_NBUF = {"dense": 1, "jagged": 2, "rows": 2, "object": 1}
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.lists(_fuzz_specs, max_size=3), st.lists(st.binary(max_size=64), max_size=6), st.booleans())
+def _mostly(draw: st.DrawFn, good: Any, bad: st.SearchStrategy[Any]) -> Any:
+    return good if draw(st.integers(0, 9)) else draw(bad)
+
+
+@st.composite
+def fuzz_messages(draw: st.DrawFn) -> tuple[list[ColumnSpec], list[bytes]]:
+    """Specs that are mostly self-consistent (so decoding gets deep) with random buffers."""
+    specs, buffers = [], []
+    size = st.integers(0, 4) | st.sampled_from([-2, -1, 2**31, 2**41, 2**62])
+    for name in draw(st.lists(st.sampled_from("abc"), max_size=3)):
+        kind = _mostly(draw, draw(st.sampled_from(KINDS)), st.just("bogus"))
+        nbuf = _mostly(draw, _NBUF.get(kind, 1), st.integers(0, 3))
+        bufs = draw(st.lists(st.binary(max_size=48), min_size=nbuf, max_size=nbuf))
+        dtype = _mostly(draw, "object" if kind == "object" else draw(st.sampled_from(DTYPE_NAMES)), st.text())
+        shape = draw(st.lists(size, min_size=1, max_size=4))
+        if kind in ("rows", "object"):
+            shape = _mostly(draw, shape[:1], st.just(shape))
+        rdim = -1
+        if kind == "jagged":
+            rdim = draw(st.integers(0, len(shape) - 1))
+            shape[rdim] = -1
+        spec = ColumnSpec(
+            name,
+            kind,
+            dtype,
+            tuple(shape),
+            nbuf,
+            ragged_dim=_mostly(draw, rdim, st.integers(-2, 4)),
+            nbytes=_mostly(draw, sum(map(len, bufs)), st.integers(-1, 64)),
+        )
+        specs.append(spec)
+        buffers.extend(bufs)
+    return specs, buffers
+
+
+@settings(max_examples=400, deadline=None)
+@given(fuzz_messages(), st.booleans())
 def test_fuzzed_specs_and_buffers_never_crash(
-    specs: list[ColumnSpec], buffers: list[bytes], copy: bool
+    message: tuple[list[ColumnSpec], list[bytes]], copy: bool
 ) -> None:
+    specs, buffers = message
     with contextlib.suppress(ProtocolError):
         decode_columns(specs, buffers, copy=copy)
 

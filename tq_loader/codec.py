@@ -40,20 +40,13 @@ import numpy as np
 import torch
 from tensordict import NonTensorData, NonTensorStack, TensorDict, TensorDictBase
 
-from tq_loader.codec_objects import decode_objects, encode_objects
+from tq_loader import codec_objects as objects
 from tq_loader.errors import ProtocolError, SchemaError
 
 __all__ = [
-    "ColumnSpec",
-    "KINDS",
-    "batch_length",
-    "column_length",
-    "decode_columns",
-    "decode_header",
-    "encode_columns",
-    "encode_header",
-    "to_tensordict",
-]
+    "ColumnSpec", "KINDS", "batch_length", "column_length", "decode_columns", "decode_header",
+    "encode_columns", "encode_header", "to_tensordict",
+]  # fmt: skip
 
 KINDS = ("dense", "jagged", "rows", "object")
 _NBUF = {"dense": 1, "jagged": 2, "rows": 2, "object": 1}
@@ -116,9 +109,7 @@ def column_length(value: Any) -> int:
         return int(value.batch_size[0])
     if isinstance(value, (list, tuple)):
         return len(value)
-    raise SchemaError(
-        f"a value of type {type(value).__name__} is not a column: use a tensor or a list of rows"
-    )
+    raise SchemaError(f"a {type(value).__name__} is not a column: use a tensor or a list of rows")
 
 
 def batch_length(data: TensorDict | Mapping[str, Any]) -> int:
@@ -132,9 +123,7 @@ def batch_length(data: TensorDict | Mapping[str, Any]) -> int:
         except SchemaError as exc:
             raise SchemaError(f"field {name!r}: {exc}") from exc
     if len(set(lengths.values())) > 1:
-        raise SchemaError(
-            f"columns have different numbers of rows {lengths}; every field needs one value per row"
-        )
+        raise SchemaError(f"columns have different numbers of rows {lengths}: give one value per row")
     return next(iter(lengths.values()), 0)
 
 
@@ -144,9 +133,7 @@ def batch_length(data: TensorDict | Mapping[str, Any]) -> int:
 def _dtype_name(dtype: torch.dtype, field: str) -> str:
     name = str(dtype).removeprefix("torch.")
     if name not in _DTYPES:
-        raise SchemaError(
-            f"field {field!r}: dtype {name} cannot be sent; convert it to one of {sorted(_DTYPES)}"
-        )
+        raise SchemaError(f"field {field!r}: dtype {name} cannot be sent; convert to one of {list(_DTYPES)}")
     return name
 
 
@@ -235,26 +222,8 @@ def _encode_tensor_rows(
 
 
 def _encode_object(name: str, rows: list[Any]) -> tuple[ColumnSpec, list[memoryview]]:
-    bufs = [memoryview(encode_objects(rows, name))]
+    bufs = [memoryview(objects.encode_objects(rows, name))]
     return _spec(name, "object", "object", (len(rows),), bufs), bufs
-
-
-def _encode_numpy(name: str, arr: np.ndarray) -> tuple[ColumnSpec, list[memoryview]]:
-    if arr.ndim == 0:
-        raise SchemaError(f"field {name!r}: a 0-d array is not a column; give it a leading batch dimension")
-    if arr.dtype.kind in "OUS":  # strings / Python objects: a non-tensor column
-        return _encode_object(name, arr.tolist())
-    if arr.dtype.kind not in "biufc" or arr.dtype.fields is not None:
-        raise SchemaError(f"field {name!r}: numpy dtype {arr.dtype} cannot be sent; use a numeric dtype")
-    if not arr.dtype.isnative:
-        arr = arr.astype(arr.dtype.newbyteorder("="))
-    if not arr.flags.writeable or not arr.flags.c_contiguous:
-        arr = np.array(arr, order="C")
-    try:
-        t = torch.from_numpy(arr)
-    except TypeError as exc:
-        raise SchemaError(f"field {name!r}: numpy dtype {arr.dtype} has no torch equivalent") from exc
-    return _encode_dense(name, t)
 
 
 def _encode_value(name: str, value: Any) -> tuple[ColumnSpec, list[memoryview]]:
@@ -264,12 +233,10 @@ def _encode_value(name: str, value: Any) -> tuple[ColumnSpec, list[memoryview]]:
         if value.is_nested:
             return _encode_tensor_rows(name, value.unbind(), value.dtype, force_rows=True)
         return _encode_dense(name, value)
-    if isinstance(value, np.ndarray):
-        return _encode_numpy(name, value)
-    if isinstance(value, NonTensorStack):  # rows may be tensors (see to_tensordict): list rules apply
-        return _encode_value(name, value.tolist())
-    if isinstance(value, NonTensorData):
-        return _encode_object(name, [value.data] * column_length(value))
+    if isinstance(value, np.ndarray):  # numeric: a dense tensor; strings/objects: a list of rows
+        return _encode_value(name, objects.numpy_column(value, name))
+    if isinstance(value, (NonTensorStack, NonTensorData)):  # rows may be tensors: list rules apply
+        return _encode_value(name, objects.non_tensor_rows(value))
     if isinstance(value, TensorDictBase):
         raise SchemaError(
             f"field {name!r}: nested TensorDicts are not columns; flatten with td.flatten_keys('.')"
@@ -321,9 +288,9 @@ def _check_spec(spec: ColumnSpec) -> None:
     shape, ndim = spec.shape, len(spec.shape)
     if (spec.kind in ("rows", "object") and ndim != 1) or not 1 <= ndim <= _MAX_NDIM:
         raise ProtocolError(f"{where}: bad shape {shape} for kind {spec.kind}")
-    rdim = spec.ragged_dim if spec.kind == "jagged" else -1
-    negative = [i for i, d in enumerate(shape) if d < 0]
-    if spec.ragged_dim != rdim or negative != ([rdim] if rdim >= 0 else []) or shape[rdim] < -1:
+    negative = [i for i, d in enumerate(shape) if d < 0]  # jagged: exactly the ragged dim, as -1
+    expected = [spec.ragged_dim] if spec.kind == "jagged" else []
+    if negative != expected or min(shape) < -1 or (spec.kind != "jagged" and spec.ragged_dim != -1):
         raise ProtocolError(f"{where}: bad shape {shape} / ragged_dim {spec.ragged_dim} for kind {spec.kind}")
     if spec.nbytes < 0:
         raise ProtocolError(f"{where}: negative nbytes {spec.nbytes}")
@@ -420,7 +387,7 @@ _DECODERS = {
     "dense": _decode_dense,
     "jagged": _decode_jagged,
     "rows": _decode_rows,
-    "object": lambda spec, bufs, copy: decode_objects(bufs[0], spec.shape[0], spec.name),
+    "object": lambda spec, bufs, copy: objects.decode_objects(bufs[0], spec.shape[0], spec.name),
 }
 
 
@@ -472,11 +439,6 @@ def decode_header(b: bytes | memoryview) -> list[ColumnSpec]:
 # --------------------------------------------------------------------------- TensorDict
 
 
-def _non_tensor_stack(rows: Sequence[Any]) -> NonTensorStack:
-    # NonTensorStack.from_list would recurse into rows that are lists; one NonTensorData per row.
-    return NonTensorStack(*(NonTensorData(data=v, batch_size=[]) for v in rows), stack_dim=0)
-
-
 def to_tensordict(columns: Mapping[str, Any], batch_size: int) -> TensorDict:
     """A ``TensorDict`` of batch size ``[batch_size]``: tensors as entries, objects as ``NonTensorStack``."""
     td = TensorDict({}, batch_size=[batch_size])
@@ -484,7 +446,7 @@ def to_tensordict(columns: Mapping[str, Any], batch_size: int) -> TensorDict:
         if isinstance(value, np.ndarray):
             value = torch.from_numpy(value)
         elif isinstance(value, (list, tuple)):  # object rows, or tensors from a "rows" fallback
-            value = _non_tensor_stack(value)
+            value = objects.non_tensor_stack(value)
         elif not isinstance(value, (torch.Tensor, NonTensorStack, NonTensorData)):
             raise SchemaError(f"field {name!r}: {type(value).__name__} is not a column value")
         if column_length(value) != batch_size:

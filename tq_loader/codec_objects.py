@@ -1,4 +1,4 @@
-"""Non-tensor ("object") columns: one msgpack blob per field, no pickle.
+"""Non-tensor ("object") columns: one msgpack blob per field, no pickle; numpy/tensordict inputs.
 
 A column of Python values travels as one msgpack array (via msgspec) of its rows. The values a
 row may hold are deliberately closed, so that nothing executable or surprising crosses the wire:
@@ -22,10 +22,12 @@ from typing import Any
 
 import msgspec
 import numpy as np
+import torch
+from tensordict import NonTensorData, NonTensorStack
 
 from tq_loader.errors import ProtocolError, SchemaError
 
-__all__ = ["decode_objects", "encode_objects"]
+__all__ = ["decode_objects", "encode_objects", "non_tensor_rows", "non_tensor_stack", "numpy_column"]
 
 _EXT_NDARRAY = 1
 _EXT_NPSCALAR = 2
@@ -142,3 +144,33 @@ def decode_objects(buf: memoryview | bytes, nrows: int, field: str) -> list[Any]
     if len(rows) != nrows:
         raise ProtocolError(f"field {field!r}: non-tensor blob holds {len(rows)} rows, header says {nrows}")
     return rows
+
+
+def non_tensor_rows(value: NonTensorStack | NonTensorData) -> list[Any]:
+    """The per-row values of a tensordict non-tensor entry (``NonTensorData`` repeats its value)."""
+    if not value.batch_size:
+        raise SchemaError("a non-tensor value without batch dimension is not a column")
+    if isinstance(value, NonTensorStack):
+        return value.tolist()
+    return [value.data] * value.batch_size[0]
+
+
+def non_tensor_stack(rows: list[Any] | tuple[Any, ...]) -> NonTensorStack:
+    """One ``NonTensorData`` per row (``NonTensorStack.from_list`` would recurse into list rows)."""
+    return NonTensorStack(*(NonTensorData(data=v, batch_size=[]) for v in rows), stack_dim=0)
+
+
+def numpy_column(arr: np.ndarray, field: str) -> torch.Tensor | list[Any]:
+    """A numpy column as a tensor (numeric dtypes, zero-copy when possible) or a list of rows."""
+    if arr.ndim == 0:
+        raise SchemaError(f"field {field!r}: a 0-d array is not a column; give it a leading batch dimension")
+    if arr.dtype.kind in "OUS":  # strings / Python objects: a non-tensor column
+        return arr.tolist()
+    if not _is_numeric(arr.dtype):
+        raise SchemaError(f"field {field!r}: numpy dtype {arr.dtype} cannot be sent; use a numeric dtype")
+    if not (arr.dtype.isnative and arr.flags.writeable and arr.flags.c_contiguous):
+        arr = np.array(arr, dtype=arr.dtype.newbyteorder("="), order="C")
+    try:
+        return torch.from_numpy(arr)
+    except TypeError as exc:  # e.g. float128
+        raise SchemaError(f"field {field!r}: numpy dtype {arr.dtype} has no torch equivalent") from exc

@@ -18,14 +18,15 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from tensordict import TensorDict, TensorDictBase
+import torch
+from tensordict import NonTensorData, NonTensorStack, TensorDict, TensorDictBase
 
 from tq_loader import protocol as p
 from tq_loader.codec import batch_length, decode_columns, encode_columns, to_tensordict
 from tq_loader.errors import ClosedError, NotFoundError, SchemaError, TQConnectionError
 from tq_loader.metadata import BatchMeta, normalize_schema, schema_of
 from tq_loader.schema import FieldSchema
-from tq_loader.storage.columns import as_column, assemble, take_rows
+from tq_loader.storage.columns import assemble, take_rows
 from tq_loader.transport import Connection
 
 __all__ = [
@@ -84,6 +85,26 @@ def _groups(meta: BatchMeta, n_units: int) -> list[tuple[str, int, np.ndarray]]:
     order = np.argsort(key, kind="stable")
     chunks = np.split(order, np.flatnonzero(np.diff(key[order])) + 1)
     return [(str(names[key[c[0]] // n_units]), int(key[c[0]] % n_units), c) for c in chunks]
+
+
+def _as_column(value: Any, n: int) -> Any:
+    """A user column (tensor, numpy array, NonTensorStack/Data, list) as a column value of ``n`` rows."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind in "biufc" and value.dtype.fields is None:
+            return torch.from_numpy(np.ascontiguousarray(value))
+        return value.tolist()
+    if isinstance(value, NonTensorStack):
+        return value.tolist()
+    if isinstance(value, NonTensorData):
+        return [value.data] * n
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise SchemaError(
+        f"a value of type {type(value).__name__} is not a column; pass a tensor, a numpy array, "
+        "a NonTensorStack or a list with one value per row"
+    )
 
 
 def _items(data: Any) -> list[tuple[str, Any]]:
@@ -166,7 +187,7 @@ class SimpleStorageManager(StorageManager):
                 f"put_data(): data has {batch_length(data)} rows but the metadata has {n}; "
                 "pass the BatchMeta of exactly these rows, in the same order"
             )
-        columns = {name: as_column(value, n) for name, value in _items(data)}
+        columns = {name: _as_column(value, n) for name, value in _items(data)}
         if n == 0 or not columns:
             return
         given = schemas or {}
@@ -192,7 +213,10 @@ class SimpleStorageManager(StorageManager):
         if self._notify is not None:
             pids = np.asarray(meta.partition_ids, dtype=str)
             await self._gather(
-                [self._notify(pid, meta.global_indexes[pids == pid], put_schemas) for pid in np.unique(pids)]
+                [
+                    self._notify(str(pid), meta.global_indexes[pids == pid], put_schemas)
+                    for pid in np.unique(pids)
+                ]
             )
 
     async def get_data(self, meta: BatchMeta, fields: Sequence[str] | None = None) -> TensorDict:
@@ -224,7 +248,7 @@ class SimpleStorageManager(StorageManager):
             for pos, cols in decoded:
                 if name not in cols:
                     raise NotFoundError(
-                        f"field {name!r}: a storage unit answered without it for rows {pos[:8]}"
+                        f"field {name!r}: a storage unit answered without it (rows {meta.global_indexes[pos[:8]].tolist()})"
                     )
                 parts.append((pos, cols[name]))
             schema = _column_schema(name, known.get(name), parts)

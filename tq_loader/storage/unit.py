@@ -18,8 +18,7 @@ never kept) and reads return fresh tensors, so callers may write to what they ge
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -28,32 +27,11 @@ import torch
 from tq_loader.errors import CapacityError, NotFoundError, SchemaError
 from tq_loader.metadata import schema_of
 from tq_loader.schema import FieldSchema
-from tq_loader.storage.columns import (
-    jagged_view,
-    kind_of,
-    make_rows,
-    num_rows,
-    object_array,
-    offsets_of,
-    ragged_range,
-    row_list,
-    target_kind,
-    torch_dtype,
-)
+from tq_loader.storage.columns import Column, NestedColumn, make_column, num_rows, target_kind, torch_dtype
 
 __all__ = ["SimpleStorageUnit"]
 
-_MIN_SLOTS = 16
-
-
-def _grow(n: int, cap: int, limit: int | None) -> int:
-    """New capacity >= n: doubling, never beyond ``limit`` (the unit's row capacity) unless n is."""
-    new = max(n, 2 * cap, _MIN_SLOTS)
-    return max(n, min(new, limit)) if limit is not None else new
-
-
-def _idx(slots: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int64))
+_MIN_SLOTS = 16  # initial size of an id index
 
 
 def _first(ids: np.ndarray, k: int = 8) -> str:
@@ -124,184 +102,6 @@ class _IdIndex:
         return slots
 
 
-# --------------------------------------------------------------------------- columns
-
-
-class _Column:
-    """Rows of one field of one partition; ``has[slot]`` says whether the slot holds a value."""
-
-    kind = ""
-
-    def __init__(self, schema: FieldSchema) -> None:
-        self.schema = schema
-        self.has = np.zeros(0, dtype=bool)
-
-    def present(self, slots: np.ndarray) -> np.ndarray:
-        inside = slots < self.has.size
-        out = np.zeros(slots.size, dtype=bool)
-        out[inside] = self.has[slots[inside]]
-        return out
-
-    def ensure(self, n: int, limit: int | None) -> None:
-        if n > self.has.size:
-            cap = _grow(n, self.has.size, limit)
-            self._resize(cap)
-            has = np.zeros(cap, dtype=bool)
-            has[: self.has.size] = self.has
-            self.has = has
-
-    def _resize(self, cap: int) -> None:
-        raise NotImplementedError
-
-    def write(self, slots: np.ndarray, value: Any, copy_objects: bool) -> int:
-        """Store ``value``'s rows at ``slots``; returns the tensor bytes stored."""
-        raise NotImplementedError
-
-    def read(self, slots: np.ndarray, copy_objects: bool) -> Any:
-        raise NotImplementedError
-
-    def clear(self, slots: np.ndarray) -> None:
-        slots = slots[slots < self.has.size]
-        self.has[slots] = False
-
-    def nbytes(self) -> int | None:
-        raise NotImplementedError
-
-
-class _DenseColumn(_Column):
-    kind = "dense"
-
-    def __init__(self, schema: FieldSchema) -> None:
-        super().__init__(schema)
-        self.dtype = torch_dtype(schema.dtype)
-        self.data = torch.empty((0, *schema.shape), dtype=self.dtype)
-        self.row_bytes = int(np.prod(schema.shape, dtype=np.int64)) * self.dtype.itemsize
-
-    def _resize(self, cap: int) -> None:
-        data = torch.empty((cap, *self.schema.shape), dtype=self.dtype)
-        data[: self.data.size(0)].copy_(self.data)
-        self.data = data
-
-    def write(self, slots: np.ndarray, value: Any, copy_objects: bool) -> int:
-        if not isinstance(value, torch.Tensor):  # same-shape rows given as a list of tensors
-            value = torch.stack(list(value))
-        self.data.index_copy_(0, _idx(slots), value)
-        self.has[slots] = True
-        return slots.size * self.row_bytes
-
-    def read(self, slots: np.ndarray, copy_objects: bool) -> torch.Tensor:
-        return self.data.index_select(0, _idx(slots))
-
-    def nbytes(self) -> int:
-        return int(self.has.sum()) * self.row_bytes
-
-
-def _private_rows(value: Any, ndim: int) -> tuple[Sequence[torch.Tensor], np.ndarray]:
-    """Copies of ``value``'s rows (views into one fresh chunk where possible) and their shapes."""
-    kind, b = kind_of(value), num_rows(value)
-    if kind == "dense":
-        chunk = value.clone(memory_format=torch.contiguous_format)
-        return chunk.unbind(0), np.tile(np.asarray(value.shape[1:], dtype=np.int64), (b, 1))
-    if kind == "jagged":
-        values, d, starts, lens = jagged_view(value)
-        chunk = values.index_select(d, _idx(ragged_range(starts, lens)))
-        shapes = np.tile(np.asarray(values.shape, dtype=np.int64), (b, 1))
-        shapes[:, d] = lens
-        return chunk.split(lens.tolist(), dim=d), shapes
-    rows = [r.clone() for r in row_list(value)]  # "rows": more than one ragged dim, no flat layout
-    return rows, np.asarray([tuple(r.shape) for r in rows], dtype=np.int64).reshape(b, ndim)
-
-
-class _NestedColumn(_Column):
-    kind = "nested"
-
-    def __init__(self, schema: FieldSchema) -> None:
-        super().__init__(schema)
-        self.dtype = torch_dtype(schema.dtype)
-        self.rows = np.empty(0, dtype=object)
-        self.shapes = np.zeros((0, len(schema.shape)), dtype=np.int64)
-
-    @classmethod
-    def from_dense(cls, dense: _DenseColumn, schema: FieldSchema) -> _NestedColumn:
-        """The nested twin of a dense column (rows become views of its tensor)."""
-        col = cls(schema)
-        cap = dense.has.size
-        col.has = dense.has.copy()
-        col.rows = object_array(dense.data.unbind(0)) if cap else np.empty(0, dtype=object)
-        col.rows[~col.has] = None
-        col.shapes = np.tile(np.asarray(dense.schema.shape, dtype=np.int64), (cap, 1))
-        return col
-
-    def _resize(self, cap: int) -> None:
-        rows, shapes = np.empty(cap, dtype=object), np.zeros((cap, self.shapes.shape[1]), dtype=np.int64)
-        rows[: self.rows.size], shapes[: self.rows.size] = self.rows, self.shapes
-        self.rows, self.shapes = rows, shapes
-
-    def write(self, slots: np.ndarray, value: Any, copy_objects: bool) -> int:
-        rows, shapes = _private_rows(value, self.shapes.shape[1])
-        self.rows[slots] = object_array(rows)
-        self.shapes[slots] = shapes
-        self.has[slots] = True
-        return int(shapes.prod(axis=1).sum()) * self.dtype.itemsize
-
-    def read(self, slots: np.ndarray, copy_objects: bool) -> Any:
-        kind, d = target_kind(self.schema)
-        picked = self.rows[slots].tolist()
-        if kind != "jagged":
-            return make_rows(picked, self.dtype)
-        if picked:
-            values = torch.cat(picked, dim=d)  # a fresh copy
-        else:
-            values = torch.empty([max(s, 0) for s in self.schema.shape], dtype=self.dtype)
-        lens = self.shapes[slots, d]
-        return torch.nested.nested_tensor_from_jagged(values, offsets_of(lens), jagged_dim=d + 1)
-
-    def clear(self, slots: np.ndarray) -> None:
-        slots = slots[slots < self.has.size]
-        self.has[slots] = False
-        self.rows[slots] = None  # release the memory of the rows
-
-    def nbytes(self) -> int:
-        return int(self.shapes[self.has].prod(axis=1).sum()) * self.dtype.itemsize
-
-
-class _ObjectColumn(_Column):
-    kind = "object"
-
-    def __init__(self, schema: FieldSchema) -> None:
-        super().__init__(schema)
-        self.rows = np.empty(0, dtype=object)
-
-    def _resize(self, cap: int) -> None:
-        rows = np.empty(cap, dtype=object)
-        rows[: self.rows.size] = self.rows
-        self.rows = rows
-
-    def write(self, slots: np.ndarray, value: Any, copy_objects: bool) -> int:
-        values = list(value)
-        self.rows[slots] = object_array(copy.deepcopy(values) if copy_objects else values)
-        self.has[slots] = True
-        return 0
-
-    def read(self, slots: np.ndarray, copy_objects: bool) -> list[Any]:
-        values = self.rows[slots].tolist()
-        return copy.deepcopy(values) if copy_objects else values
-
-    def clear(self, slots: np.ndarray) -> None:
-        slots = slots[slots < self.has.size]
-        self.has[slots] = False
-        self.rows[slots] = None
-
-    def nbytes(self) -> None:
-        return None  # Python objects have no meaningful flat size
-
-
-def _new_column(schema: FieldSchema) -> _Column:
-    if schema.is_non_tensor:
-        return _ObjectColumn(schema)
-    return _DenseColumn(schema) if target_kind(schema)[0] == "dense" else _NestedColumn(schema)
-
-
 # --------------------------------------------------------------------------- partitions
 
 
@@ -310,31 +110,25 @@ class _Partition:
 
     def __init__(self) -> None:
         self.index = _IdIndex()
-        self.ids_at = np.zeros(0, dtype=np.int64)  # slot -> global id, -1 = free
         self.hwm = 0  # slots [0, hwm) have been used at least once
         self.free: list[np.ndarray] = []
-        self.columns: dict[str, _Column] = {}
+        self.columns: dict[str, Column] = {}
 
     @property
     def rows(self) -> int:
         return self.index.n
 
-    def alloc(self, k: int, limit: int | None) -> np.ndarray:
+    def alloc(self, k: int) -> np.ndarray:
         """``k`` slots: reused ones first, then fresh ones past the high-water mark."""
         free = np.concatenate(self.free) if len(self.free) > 1 else (self.free[0] if self.free else None)
         reuse = np.empty(0, dtype=np.int64) if free is None else free[: min(k, free.size)]
         self.free = [] if free is None or reuse.size == free.size else [free[reuse.size :]]
         fresh = np.arange(self.hwm, self.hwm + k - reuse.size, dtype=np.int64)
         self.hwm += fresh.size
-        if self.hwm > self.ids_at.size:
-            ids_at = np.full(_grow(self.hwm, self.ids_at.size, limit), -1, dtype=np.int64)
-            ids_at[: self.ids_at.size] = self.ids_at
-            self.ids_at = ids_at
         return np.concatenate((reuse, fresh))
 
     def release(self, slots: np.ndarray) -> None:
         if slots.size:
-            self.ids_at[slots] = -1
             self.free.append(slots)
             for col in self.columns.values():
                 col.clear(slots)
@@ -409,17 +203,16 @@ class SimpleStorageUnit:
         if part is None:
             part = self._parts[partition_id] = _Partition()
         if n_new:
-            fresh = part.alloc(n_new, self.capacity_rows)
+            fresh = part.alloc(n_new)
             slots[new] = fresh
             part.index.insert(ids[new], fresh)
-            part.ids_at[fresh] = ids[new]
             self.rows += n_new
         for name, (schema, value) in plan.items():
             col = part.columns.get(name)
             if col is None:
-                col = part.columns[name] = _new_column(schema)
+                col = part.columns[name] = make_column(schema)
             elif col.kind == "dense" and target_kind(schema)[0] != "dense":
-                col = part.columns[name] = _NestedColumn.from_dense(col, schema)  # type: ignore[arg-type]
+                col = part.columns[name] = NestedColumn.from_dense(col, schema)  # type: ignore[arg-type]
             col.schema = schema
             col.ensure(part.hwm, self.capacity_rows)
             self._bytes["in"] += col.write(slots, value, copy_objects)
@@ -465,13 +258,8 @@ class SimpleStorageUnit:
         out: dict[str, Any] = {}
         for name in fields:
             col = part.columns.get(name)
-            if col is None:
-                raise NotFoundError(
-                    f"partition {partition_id!r}: no row in this storage unit has field {name!r}; "
-                    "write the field before reading it"
-                )
-            present = col.present(slots)
-            if not present.all():
+            present = np.zeros(ids.size, dtype=bool) if col is None else col.present(slots)
+            if col is None or not present.all():
                 raise NotFoundError(
                     f"partition {partition_id!r}, field {name!r}: rows {_first(ids[~present])} have no "
                     "value for it; write the field for these rows first"
