@@ -308,7 +308,7 @@ class ControllerService:
                     return None  # the tail's columns are still being written
                 sampled, consumed = sampler.sample(ready, req.batch_size, **cfg, allow_partial=True)
             if len(sampled) == 0:
-                return self._meta(part, np.empty(0, np.int64), req.data_fields, end_of_stream=True)
+                return self._end_of_stream(part, req, task)
         part.mark_consumed(task, np.asarray(consumed, np.int64))
         return self._meta(part, np.asarray(sampled, np.int64), req.data_fields)
 
@@ -324,7 +324,7 @@ class ControllerService:
         if found.dp_size != max(1, req.dp_size):
             raise ValueError(f"batch {req.batch_index} was cut for dp_size={found.dp_size}, not {req.dp_size}")
         if found.end_of_stream:
-            return self._meta(part, np.empty(0, np.int64), req.data_fields, end_of_stream=True)
+            return self._end_of_stream(part, req, task)
         return self._meta(part, found.rank(req.dp_rank), req.data_fields)
 
     def _sample_round(self, part: PartitionState, req: p.GetMeta, task: str) -> Round | None:
@@ -347,6 +347,12 @@ class ControllerService:
                 return Round.empty(dp_size)
         part.mark_consumed(task, np.asarray(consumed, np.int64))
         return Round.from_lists(per_rank)
+
+    def _end_of_stream(self, part: PartitionState, req: p.GetMeta, task: str) -> BatchMeta:
+        """The empty end-of-stream batch; ``dropped_rows``: rows this task will never be served."""
+        meta = self._meta(part, np.empty(0, np.int64), req.data_fields, end_of_stream=True)
+        meta.set_extra_info("dropped_rows", part.count_unconsumed(task))
+        return meta
 
     def _meta(
         self,
