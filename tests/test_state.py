@@ -475,3 +475,19 @@ def test_registry_create_get_drop_list():
     assert s["num_partitions"] == 2 and s["next_row_id"] == 6
     assert set(s["partitions"]) == {"a", "b"}
     assert s["partitions"]["a"]["rows_live"] == 1
+
+
+def test_ordinals_are_insertion_order_within_partition_and_survive_compaction(monkeypatch):
+    monkeypatch.setattr(state_mod, "_COMPACT_MIN_DEAD", 1)
+    alloc = RowIdAllocator()
+    a, b = PartitionState("a", alloc), PartitionState("b", alloc)
+    first = a.insert(4)
+    b.insert(3)  # interleaved allocation: ids of "a" are not contiguous
+    second = a.insert(4)
+    ids = np.concatenate([first, second])
+    assert a.ordinals(ids).tolist() == list(range(8))
+    a.clear(first[:3])  # enough dead rows to compact
+    assert a.ordinals(second).tolist() == [4, 5, 6, 7]
+    assert (a.ordinals(second) // 4).tolist() == [1, 1, 1, 1]  # GRPO group of the second prompt
+    with pytest.raises(NotFoundError):
+        a.ordinals(first[:1])

@@ -293,6 +293,16 @@ class AsyncClient:
             "storage": await storage.statistics(),
         }
 
+    # ------------------------------------------------------------------ checkpoints
+    async def async_export_state(self) -> dict[str, Any]:
+        """The controller's whole state as plain data (partitions, rows, consumption, keys, tags)."""
+        reply: p.StateReply = await self._call(p.ExportState())
+        return dict(reply.state)
+
+    async def async_import_state(self, state: Mapping[str, Any]) -> None:
+        """Replace the controller's whole state with ``state`` (from ``export_state``); storage untouched."""
+        await self._call(p.ImportState(state=dict(state)))
+
     async def async_close(self) -> None:
         if self._storage is not None:
             await self._storage.close()
@@ -389,6 +399,8 @@ class Client:
     kv_list, async_kv_list = _sync("kv_list")
     statistics, async_statistics = _sync("statistics")
     describe, async_describe = _sync("describe")
+    export_state, async_export_state = _sync("export_state")
+    import_state, async_import_state = _sync("import_state")
 
 
 TransferQueueClient = Client

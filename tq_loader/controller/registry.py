@@ -8,12 +8,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from tq_loader.controller.state import PartitionState, RowIdAllocator
-from tq_loader.errors import NotFoundError, SchemaError, TQError
+import msgspec
+import numpy as np
 
-__all__ = ["ControllerState"]
+from tq_loader.controller.state import PartitionSnapshot, PartitionState, RowIdAllocator
+from tq_loader.errors import NotFoundError, ProtocolError, SchemaError, TQError
+
+__all__ = ["STATE_VERSION", "ControllerSnapshot", "ControllerState"]
+
+STATE_VERSION = 1
 
 _SHOW_PARTITIONS = 20
+
+
+class ControllerSnapshot(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The whole controller state as plain data (partitions in creation order)."""
+
+    version: int
+    next_row_id: int
+    partitions: list[PartitionSnapshot]
 
 
 class ControllerState:
@@ -77,3 +90,44 @@ class ControllerState:
             "next_row_id": self.allocator.next_id,
             "partitions": {pid: state.statistics() for pid, state in self._partitions.items()},
         }
+
+    # ------------------------------------------------------------------ checkpoints
+    def export_state(self) -> dict[str, Any]:
+        """Every partition and the allocator position as plain data (msgpack-able; arrays as bytes)."""
+        snap = ControllerSnapshot(
+            STATE_VERSION, self.allocator.next_id, [part._snapshot() for part in self._partitions.values()]
+        )
+        return msgspec.to_builtins(snap, builtin_types=(bytes,))
+
+    def import_state(self, state: Any) -> None:
+        """Replace every partition with those of ``state`` (from :meth:`export_state`); all-or-nothing.
+
+        The allocator resumes at the saved position, or later if this controller already handed out
+        higher ids (ids are never reused, so a stale id from before the import cannot alias a row).
+        Malformed or inconsistent state raises ``ProtocolError`` / ``SchemaError`` and changes nothing.
+        """
+        try:
+            snap = msgspec.convert(state, ControllerSnapshot)
+        except msgspec.ValidationError as exc:
+            raise ProtocolError(f"malformed controller state: {exc}") from None
+        if snap.version != STATE_VERSION:
+            raise ProtocolError(
+                f"controller state version {snap.version} is not supported (expected {STATE_VERSION}); "
+                "load it with the tq_loader version that saved it"
+            )
+        if snap.next_row_id < 0:
+            raise ProtocolError(f"controller state: negative next row id {snap.next_row_id}")
+        allocator = RowIdAllocator(max(snap.next_row_id, self.allocator.next_id))
+        partitions: dict[str, PartitionState] = {}
+        for part_snap in snap.partitions:
+            if part_snap.partition_id in partitions:
+                raise ProtocolError(f"controller state: partition {part_snap.partition_id!r} appears twice")
+            partitions[part_snap.partition_id] = PartitionState._from_snapshot(part_snap, allocator)
+        ids = np.concatenate(
+            [np.empty(0, np.int64)] + [p.production_status(None, [])[0] for p in partitions.values()]
+        )
+        if ids.size and (ids.max() >= snap.next_row_id or np.unique(ids).size != ids.size):
+            raise ProtocolError(
+                "controller state: a row id lies beyond the saved next row id or belongs to two partitions"
+            )
+        self.allocator, self._partitions = allocator, partitions

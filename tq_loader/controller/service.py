@@ -70,6 +70,8 @@ class ControllerService:
             p.Seal: self._seal,
             p.Abort: self._abort,
             p.Stats: self._stats,
+            p.ExportState: self._export_state,
+            p.ImportState: self._import_state,
         }
 
     async def handle(self, ctx: RequestContext, request: p.Request, buffers: list[memoryview]) -> Any:
@@ -214,6 +216,20 @@ class ControllerService:
 
     def _stats(self, ctx: RequestContext, req: p.Stats) -> p.StatsReply:
         return p.StatsReply(stats=self.statistics())
+
+    def _export_state(self, ctx: RequestContext, req: p.ExportState) -> p.StateReply:
+        return p.StateReply(state=self.state.export_state())
+
+    def _import_state(self, ctx: RequestContext, req: p.ImportState) -> p.Ok:
+        """Replace every partition (checkpoint load); the round ledger and sampler caches start over."""
+        before = self.state.list()
+        self.state.import_state(req.state)  # validates everything before it changes anything
+        self.ledger = RoundLedger(self.config.round_cache)
+        for pid in dict.fromkeys([*before, *self.state.list()]):
+            for sampler in self._samplers.values():
+                sampler.clear_cache(pid)
+            self._notify(pid)  # waiters re-check against the imported state
+        return p.Ok()
 
     def statistics(self) -> dict[str, Any]:
         return {

@@ -88,8 +88,10 @@ def _pack(arr: np.ndarray) -> PackedArray:
 def _unpack(packed: PackedArray, dtype: str, shape: tuple[int, ...], what: str) -> np.ndarray:
     """The array, checked to have exactly ``dtype`` and ``shape`` (bools hold only 0/1)."""
     want = np.dtype(dtype)
-    if packed.dtype != want.str or tuple(packed.shape) != shape or len(packed.data) != want.itemsize * int(
-        np.prod(shape, dtype=object)
+    if (
+        packed.dtype != want.str
+        or tuple(packed.shape) != shape
+        or len(packed.data) != want.itemsize * int(np.prod(shape, dtype=object))
     ):
         raise ProtocolError(
             f"{what}: expected a {want.str} array of shape {shape}, got {packed.dtype} {tuple(packed.shape)} "
@@ -549,7 +551,7 @@ class PartitionState:
             rows_cleared=self._n_cleared, next_ordinal=self._next_ord,
             ids=_pack(self._ids[live]), ordinals=_pack(self._ord[live]),
             fields=list(self._fields), schemas={name: self._schemas[name] for name in self._fields},
-            produced=_pack(self._prod[np.ix_(live, cols)].astype(bool)),
+            produced=_pack(self._prod[np.ix_(live, cols)]),
             consumed={task: _pack(vec[live]) for task, vec in self._consumed.items()},
             tag_ids=_pack(np.fromiter(self._tags, dtype=np.int64, count=len(self._tags))),
             tags=[dict(tag) for tag in self._tags.values()], keys=keys, key_ids=_pack(key_ids),
@@ -574,16 +576,27 @@ class PartitionState:
         _check_sorted_unique(ords, f"{where} ordinals")
         if n and (ids[-1] >= allocator.next_id or ords[-1] >= snap.next_ordinal):
             raise ProtocolError(f"{where}: row ids or ordinals lie beyond the saved allocator positions")
-        if not snap.partition_id or snap.rows_cleared < 0 or len(set(snap.fields)) != nf:
+        if (
+            not snap.partition_id
+            or min(snap.rows_cleared, snap.next_ordinal) < 0
+            or len(set(snap.fields)) != nf
+        ):
             raise ProtocolError(f"{where}: empty id, negative counter or repeated field names")
         if set(snap.fields) != set(snap.schemas):
             raise ProtocolError(f"{where}: fields {snap.fields} do not match schemas {sorted(snap.schemas)}")
         for name, schema in snap.schemas.items():
-            tensor = not schema.is_non_tensor and schema.dtype != OBJECT_DTYPE
-            if (tensor and dtype_name(schema.dtype) != schema.dtype) or (not tensor and schema.is_nested):
+            obj = schema.dtype == OBJECT_DTYPE
+            bad = obj != schema.is_non_tensor or (obj and (schema.is_nested or schema.shape))
+            if (
+                bad
+                or any(d < -1 for d in schema.shape)
+                or (not obj and dtype_name(schema.dtype) != schema.dtype)
+            ):
                 raise SchemaError(f"{where}, field {name!r}: invalid schema {schema}")
         prod = _unpack(snap.produced, "|b1", (n, nf), f"{where} production matrix")
-        consumed = {t: _unpack(v, "|b1", (n,), f"{where} consumption of {t!r}") for t, v in snap.consumed.items()}
+        consumed = {
+            t: _unpack(v, "|b1", (n,), f"{where} consumption of {t!r}") for t, v in snap.consumed.items()
+        }
         tag_ids = _unpack(snap.tag_ids, "<i8", (len(snap.tags),), f"{where} tag ids")
         key_ids = _unpack(snap.key_ids, "<i8", (len(snap.keys),), f"{where} key ids")
         for what, sub in (("tag", tag_ids), ("key", key_ids)):

@@ -179,7 +179,11 @@ class SimpleStorageManager(StorageManager):
         data: TensorDict | Mapping[str, Any],
         meta: BatchMeta,
         schemas: Mapping[str, FieldSchema] | None = None,
+        *,
+        notify: bool = True,
     ) -> None:
+        """As :meth:`StorageManager.put_data`; ``notify=False`` stores without telling the controller
+        (a checkpoint load, whose controller state is imported as saved)."""
         self._check_open()
         n = meta.size
         if batch_length(data) != n:
@@ -210,7 +214,7 @@ class SimpleStorageManager(StorageManager):
             )
             sends.append(self._request(unit, body, buffers))
         await self._gather(sends)
-        if self._notify is not None:
+        if notify and self._notify is not None:
             pids = np.asarray(meta.partition_ids, dtype=str)
             await self._gather(
                 [
