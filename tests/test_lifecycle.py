@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import in_thread, wait_for_waiters, waiting_requests
 from tensordict import NonTensorStack, TensorDict
 
-from conftest import in_thread, wait_for_waiters, waiting_requests
 from tq_loader.errors import ClosedError, NotFoundError, SchemaError, TQError, TQTimeoutError
 
 B = 6
@@ -46,9 +46,10 @@ def _all_columns(n: int) -> dict[str, object]:
         "float64": torch.randn(n, 3, generator=g, dtype=torch.float64),
         "complex64": torch.randn(n, 3, generator=g, dtype=torch.complex64),
         # NaN with a payload, signed zero and infinities must come back bit for bit
-        "special": torch.tensor(
-            [[float("nan"), float("inf"), -float("inf"), -0.0]] * n, dtype=torch.float32
-        ).view(torch.int32).add(torch.tensor([1, 0, 0, 0], dtype=torch.int32)).view(torch.float32),
+        "special": torch.tensor([[float("nan"), float("inf"), -float("inf"), -0.0]] * n, dtype=torch.float32)
+        .view(torch.int32)
+        .add(torch.tensor([1, 0, 0, 0], dtype=torch.int32))
+        .view(torch.float32),
         "transposed": torch.randn(4, n, generator=g).t(),  # non-contiguous input
         "strided": torch.randn(n * 2, 5, generator=g)[::2, 1:4],
         "scalar_rows": torch.arange(n, dtype=torch.int64),
@@ -113,9 +114,7 @@ def test_returned_tensors_are_writable_and_independent_of_storage(client, pid):
 # ---------------------------------------------------------------------- readiness and status
 def test_partial_field_update_across_units(client, pid):
     n = 8  # striped over both storage units
-    meta = client.put(
-        TensorDict({"prompt": torch.arange(n).unsqueeze(1)}, batch_size=[n]), partition_id=pid
-    )
+    meta = client.put(TensorDict({"prompt": torch.arange(n).unsqueeze(1)}, batch_size=[n]), partition_id=pid)
     ids, status = client.get_production_status(["prompt", "response"], pid)
     assert ids.tolist() == _ids(meta)
     assert status[:, 0].all() and not status[:, 1].any()
@@ -382,7 +381,9 @@ def test_rank_aware_request_waits_for_data(client, pid):
 
 def test_grpo_groups_are_served_whole(client, pid):
     n = 4  # responses per prompt; the 4 rows of a prompt are inserted together
-    meta = client.put(TensorDict({"prompt": torch.arange(16).unsqueeze(1) // n}, batch_size=[16]), partition_id=pid)
+    meta = client.put(
+        TensorDict({"prompt": torch.arange(16).unsqueeze(1) // n}, batch_size=[16]), partition_id=pid
+    )
     cfg = {"n_samples_per_prompt": n}
     kw = {"task_name": "grpo", "sampler": "grpo_group_n", "sampling_config": cfg, "timeout": 30}
     # responses for group 1 complete, group 0 missing one row
@@ -403,9 +404,142 @@ def test_grpo_groups_are_served_whole(client, pid):
     second = client.get_meta(["resp"], 4, pid, **kw)
     assert sorted(_ids(second)) == _ids(meta)[0:4]
     # rank-aware rounds never split a group across ranks
-    rounds = [
-        client.get_meta(["resp"], 4, pid, **kw, dp_rank=r, dp_size=2, batch_index=0) for r in (0, 1)
-    ]
+    rounds = [client.get_meta(["resp"], 4, pid, **kw, dp_rank=r, dp_size=2, batch_index=0) for r in (0, 1)]
     groups = [{gid // n for gid in (np.asarray(_ids(m)) - _ids(meta)[0]).tolist()} for m in rounds]
     assert all(len(g) == 1 for g in groups) and groups[0] != groups[1]
     assert sorted(_ids(rounds[0]) + _ids(rounds[1])) == _ids(meta)[8:16]
+
+
+# ---------------------------------------------------------------------- garbage on the wire
+def _raw_request(address: str, frames: list[bytes], timeout: float = 10.0):
+    """Send ``frames`` from a bare DEALER socket; the decoded reply envelope."""
+    import zmq
+
+    from tq_loader.protocol import decode_reply
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(address)
+        sock.send_multipart(frames)
+        assert sock.poll(int(timeout * 1000)), f"{address} did not answer {frames[:1]!r}"
+        return decode_reply(sock.recv_multipart()[0])
+    finally:
+        sock.close()
+
+
+def _garbage() -> list[list[bytes]]:
+    import msgspec
+
+    from tq_loader import protocol as p
+
+    return [
+        [b"not msgpack"],
+        [b""],
+        [b"\xff" * 64],
+        [b"\x93\x01", b"second frame"],  # truncated msgpack array
+        [msgspec.msgpack.encode([1, {"type": "NoSuchMessage"}])],
+        [msgspec.msgpack.encode([2, {"type": "GetMeta", "partition_id": 3}])],
+        [p.encode(p.RequestEnvelope(3, p.Stats(), version=999))],
+    ]
+
+
+def _unit_garbage() -> list[list[bytes]]:
+    from tq_loader import protocol as p
+    from tq_loader.codec import ColumnSpec
+
+    spec = ColumnSpec("a", "dense", "float32", (1, 4), 1, nbytes=16)
+    blob = ColumnSpec("b", "object", "object", (1,), 1, nbytes=3)
+    one = p.ids_to_wire([0])
+
+    def put(columns, *buffers):
+        body = p.PutRows(partition_id="junk", global_indexes=one, columns=columns, schemas={})
+        return [p.encode(p.RequestEnvelope(9, body)), *buffers]
+
+    return [
+        put([spec]),  # a buffer announced but missing
+        put([spec], b"abc"),  # too short
+        put([blob], b"\xc1\xc1\xc1"),  # malformed msgpack blob
+        [
+            p.encode(
+                p.RequestEnvelope(
+                    9, p.GetRows(partition_id="junk", global_indexes=b"\x01\x02\x03", fields=["a"])
+                )
+            )
+        ],
+        [p.encode(p.RequestEnvelope(9, p.Seal(partition_id="junk")))],  # a controller message
+    ]
+
+
+def test_garbage_frames_get_protocol_errors_and_the_cluster_keeps_serving(client, pid):
+    info = client.describe()
+    for address in (info.controller, *info.storage_units):
+        for frames in _garbage():
+            reply = _raw_request(address, frames)
+            assert reply.body is None and reply.error_kind == "ProtocolError", (address, frames, reply)
+    for frames in _unit_garbage():
+        reply = _raw_request(info.storage_units[0], frames)
+        assert reply.error_kind == "ProtocolError", (frames, reply)
+    meta = _put_rows(client, pid, n=4)
+    got = client.get_meta(["x"], 4, pid, task_name="t", timeout=30)
+    assert _ids(got) == _ids(meta)
+    assert client.get_data(got)["x"].squeeze(1).tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+# ---------------------------------------------------------------------- more stream shapes
+def test_concurrent_waiters_never_share_a_row(client, pid):
+    base = waiting_requests(client)
+    waiters = [in_thread(client.get_meta, ["x"], 3, pid, task_name="t", timeout=60) for _ in range(2)]
+    wait_for_waiters(client, base + 2)
+    meta = _put_rows(client, pid, n=6)
+    got = [w.result(timeout=30) for w in waiters]
+    assert sorted(_ids(got[0]) + _ids(got[1])) == _ids(meta)
+    assert not set(_ids(got[0])) & set(_ids(got[1]))
+
+
+def test_insert_mode_then_put_by_metadata(client, pid):
+    meta = client.get_meta(["x"], 3, pid, mode="insert")  # TransferQueue's producer pattern
+    assert meta.size == 3
+    with pytest.raises(TQTimeoutError):  # allocated rows are not ready before their data is stored
+        client.get_meta(["x"], 1, pid, task_name="t", timeout=0.2)
+    client.put({"x": torch.tensor([[7.0], [8.0], [9.0]])}, metadata=meta)
+    got = client.get_meta(["x"], 3, pid, task_name="t", timeout=30)
+    assert _ids(got) == _ids(meta)
+    assert client.get_data(got)["x"].squeeze(1).tolist() == [7.0, 8.0, 9.0]
+
+
+def test_force_fetch_sees_everything_and_consumes_nothing(client, pid):
+    meta = _put_rows(client, pid, n=3)
+    seen = client.get_meta(["x"], 1, pid, mode="force_fetch", task_name="t")
+    assert _ids(seen) == _ids(meta)
+    _, consumed = client.get_consumption_status("t", pid)
+    assert not consumed.any()
+
+
+def test_custom_meta_travels_with_rows(client, pid):
+    meta = _put_rows(client, pid, n=2)
+    meta.update_custom_meta([{"reward": 1.0}, {"reward": 0.0, "note": "x"}])
+    client.set_custom_meta(meta)
+    got = client.get_meta(["x"], 2, pid, task_name="t", timeout=30)
+    assert got.get_all_custom_meta() == [{"reward": 1.0}, {"reward": 0.0, "note": "x"}]
+
+
+def test_reset_consumption_restarts_an_ended_stream(client, pid):
+    meta = _put_rows(client, pid, n=2)
+    client.seal(pid)
+    assert _ids(client.get_meta(["x"], 2, pid, task_name="t", timeout=30)) == _ids(meta)
+    assert client.get_meta(["x"], 2, pid, task_name="t", timeout=30).is_end_of_stream
+    client.reset_consumption(pid, "t")  # a new epoch over the same rows
+    assert _ids(client.get_meta(["x"], 2, pid, task_name="t", timeout=30)) == _ids(meta)
+    assert client.get_meta(["x"], 2, pid, task_name="t", timeout=30).is_end_of_stream
+
+
+def test_rank_aware_peers_waiting_on_one_batch_get_the_same_rows(client, pid):
+    base = waiting_requests(client)
+    peers = [in_thread(_rank_batch, client, pid, 0, 0) for _ in range(2)]  # e.g. two TP ranks of DP rank 0
+    wait_for_waiters(client, base + 2)
+    _put_rows(client, pid, n=4)
+    a, b = (p.result(timeout=30) for p in peers)
+    assert _ids(a) == _ids(b) and a.size == 2
+    other = _rank_batch(client, pid, 1, 0)
+    assert not set(_ids(other)) & set(_ids(a))

@@ -8,6 +8,12 @@
 """
 
 from tq_loader.api import close, connect, get_client, get_config, init, statistics
+from tq_loader.checkpoint import (
+    async_load_checkpoint,
+    async_save_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from tq_loader.client import AsyncClient, Client, TransferQueueClient
 from tq_loader.config import TQConfig
 from tq_loader.errors import (
@@ -83,6 +89,8 @@ __all__ = [
     "async_kv_clear",
     "async_kv_list",
     "async_kv_put",
+    "async_load_checkpoint",
+    "async_save_checkpoint",
     "close",
     "connect",
     "get_client",
@@ -94,6 +102,8 @@ __all__ = [
     "kv_clear",
     "kv_list",
     "kv_put",
+    "load_checkpoint",
     "register_sampler",
+    "save_checkpoint",
     "statistics",
 ]

@@ -118,12 +118,15 @@ def close() -> None:
         current, _runtime = _current(), None
         if current is None:
             return
-        current.client.close()
-        if current.cluster is not None:
-            current.cluster.stop()
-            if os.environ.get(ENV_ADDRESS) == current.address:
-                os.environ.pop(ENV_ADDRESS, None)
-                os.environ.pop(ENV_TOKEN, None)
+        try:
+            current.client.close()
+        finally:
+            if current.cluster is not None:
+                # the address must not outlive the services, even if stopping one of them failed
+                if os.environ.get(ENV_ADDRESS) == current.address:
+                    os.environ.pop(ENV_ADDRESS, None)
+                    os.environ.pop(ENV_TOKEN, None)
+                current.cluster.stop()
 
 
 def get_client() -> Client:

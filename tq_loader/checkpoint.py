@@ -35,7 +35,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Mapping
@@ -113,8 +112,12 @@ class _Chunk:
 # --------------------------------------------------------------------------- public API
 
 
-def save_checkpoint(path: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None, *,
-                    client: AnyClient | None = None) -> str:  # fmt: skip
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    metadata: Mapping[str, Any] | None = None,
+    *,
+    client: AnyClient | None = None,
+) -> str:
     """Write the cluster's controller state and stored rows to directory ``path``; returns its path.
 
     ``metadata``: a dict of plain values (numbers, str, bytes, lists, dicts, numeric numpy arrays)
@@ -159,7 +162,7 @@ async def async_load_checkpoint(
 def _client(client: AnyClient | None) -> AnyClient:
     if client is not None:
         return client
-    from tq_loader.api import get_client  # api sits above this module's users; import when needed
+    from tq_loader.api import get_client  # lazily: the top-level package imports both modules
 
     return get_client()
 
@@ -300,7 +303,8 @@ def _write_checkpoint(target: Path, state: dict[str, Any], chunks: list[_Chunk],
     target = target.absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     _check_replaceable(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tq-tmp-", dir=target.parent))
+    tmp = target.with_name(f".{target.name}.tq-tmp-{uuid.uuid4().hex}")
+    tmp.mkdir()  # not mkdtemp: the checkpoint keeps the umask's permissions, not 0700
     try:
         blob = msgspec.msgpack.encode(_StateFile(CHECKPOINT_FORMAT, CHECKPOINT_VERSION, state, metadata))
         _write_bytes(tmp / STATE_FILE, blob)

@@ -268,6 +268,16 @@ class AsyncClient:
         Its fields are those every one of the rows has produced. Unknown keys -> ``NotFoundError``
         (or, with ``missing_ok``, they are left out).
         """
+        meta, _ = await self.async_kv_lookup(keys, partition_id, create, missing_ok=missing_ok)
+        return meta
+
+    async def async_kv_lookup(
+        self, keys: Sequence[str] | str, partition_id: str, create: bool = False, *, missing_ok: bool = False
+    ) -> tuple[BatchMeta, np.ndarray]:
+        """``kv_retrieve_meta`` plus a bool per row: True where this call created the key's row.
+
+        The KV API needs to know which rows it created so that a failed write can remove them again.
+        """
         keys = [keys] if isinstance(keys, str) else list(keys)
         if not keys:
             raise ValueError("kv_retrieve_meta() needs at least one key")
@@ -276,7 +286,11 @@ class AsyncClient:
         reply: p.KVLookupReply = await self._call(
             p.KVLookup(partition_id=partition_id, keys=keys, create=create, missing_ok=missing_ok)
         )
-        return BatchMeta.from_wire(reply.meta)
+        meta = BatchMeta.from_wire(reply.meta)
+        created = np.frombuffer(reply.created, dtype=bool).copy()
+        if len(created) != meta.size:  # an empty reply (unknown partition, missing_ok) has none
+            created = np.zeros(meta.size, dtype=bool)
+        return meta, created
 
     async def async_kv_list(self, partition_id: str | None = None) -> dict[str, dict[str, Any]]:
         reply: p.KVListReply = await self._call(p.KVList(partition_id=partition_id))
@@ -396,6 +410,7 @@ class Client:
     seal, async_seal = _sync("seal")
     abort, async_abort = _sync("abort")
     kv_retrieve_meta, async_kv_retrieve_meta = _sync("kv_retrieve_meta")
+    kv_lookup, async_kv_lookup = _sync("kv_lookup")
     kv_list, async_kv_list = _sync("kv_list")
     statistics, async_statistics = _sync("statistics")
     describe, async_describe = _sync("describe")

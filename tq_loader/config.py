@@ -16,7 +16,11 @@ from omegaconf import DictConfig, OmegaConf
 __all__ = [
     "ClientConfig",
     "ControllerConfig",
+    "DemoConfig",
     "LoaderConfig",
+    "LoaderNode",
+    "ModelConfig",
+    "PipelineConfig",
     "RayConfig",
     "StorageConfig",
     "TQConfig",
@@ -144,3 +148,66 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="tq_loader_schema", node=TQConfig)
+    _register_app_configs()  # the pipeline app's root, loader and demo schemas (below)
+
+
+# ---------------------------------------------------------------------- the pipeline app (Hydra)
+# Appended for the Hydra app (examples/grpo_pipeline.py, ``tq-loader demo``): the root is the
+# TQConfig tree plus a ``demo`` node; ``loader`` carries a ``_target_`` so that
+# ``hydra.utils.instantiate(cfg.loader, dp_rank=r)`` builds a StreamingDataLoader.
+
+
+@dataclass
+class LoaderNode(LoaderConfig):
+    """A :class:`LoaderConfig` that ``hydra.utils.instantiate`` turns into a StreamingDataLoader."""
+
+    _target_: str = "tq_loader.hydra_conf.build_loader"
+
+
+@dataclass
+class ModelConfig:
+    """The demo trainer's tiny policy (built with ``hydra.utils.instantiate``)."""
+
+    _target_: str = "tq_loader.demo.TinyPolicy"
+    vocab_size: int = 256
+    hidden: int = 32
+
+
+@dataclass
+class DemoConfig:
+    """Sizes of the GRPO demo. ``prompts * n_samples`` must divide by ``loader.batch_size * loader.dp_size``."""
+
+    prompts: int = 256
+    n_samples: int = 4  # responses per prompt: the GRPO group size
+    prompt_len: int = 16
+    min_response_len: int = 8
+    max_response_len: int = 96
+    rollout_workers: int = 2  # threads of the rollout stage, each putting its own prompts
+    rollout_chunk: int = 4  # prompts per put (their n responses are inserted together)
+    reward_batch_size: int = 32
+    reward_fetch_workers: int = 2
+    tp_size: int = 2  # "tensor-parallel" threads per data-parallel trainer rank
+    lr: float = 0.01
+    seed: int = 0
+    workers: str = "process"  # process: one process per stage; thread: every stage in this process
+    progress: bool = True
+    timeout: float = 110.0  # the whole run; a stage still running then fails the demo
+    report: str | None = None  # also write the summary and checks as JSON here
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+@dataclass
+class PipelineConfig(TQConfig):
+    """Root of the Hydra app: the cluster tree, a buildable ``loader`` and the ``demo`` sizes."""
+
+    loader: LoaderNode = field(default_factory=LoaderNode)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+def _register_app_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="tq_pipeline_schema", node=PipelineConfig)
+    cs.store(group="loader", name="loader_schema", node=LoaderNode)
+    cs.store(group="demo", name="demo_schema", node=DemoConfig)

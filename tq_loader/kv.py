@@ -9,14 +9,17 @@ the columns every requested key has. Where TransferQueue drops unknown keys sile
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import msgspec
+import numpy as np
 import torch
 from tensordict import NonTensorData, NonTensorStack, TensorDict
 
 from tq_loader.api import get_client
-from tq_loader.errors import NotFoundError
+from tq_loader.errors import NotFoundError, SchemaError, TQError
 from tq_loader.metadata import KVBatchMeta
 
 __all__ = [
@@ -67,30 +70,61 @@ async def async_kv_batch_put(
     fields: TensorDict | Mapping[str, Any] | None = None,
     tags: Sequence[Mapping[str, Any]] | None = None,
 ) -> KVBatchMeta:
-    """Create/update the rows named by ``keys``: write ``fields`` (batch of len(keys)) and merge ``tags``."""
+    """Create/update the rows named by ``keys``: write ``fields`` (batch of len(keys)) and merge ``tags``.
+
+    All or nothing for new keys: if the write is refused (schema conflict, full storage, ...), the
+    rows this call created are removed again, so a failed put leaves no empty keys behind. Fields
+    are written before tags, so a refused write does not merge its tags either.
+    """
     keys = _as_keys(keys)
     if fields is None and tags is None:
         raise ValueError("kv_batch_put needs fields, tags or both; got neither")
-    if tags is not None and len(tags) != len(keys):
-        raise ValueError(f"kv_batch_put got {len(tags)} tags for {len(keys)} keys; give one tag dict per key")
+    duplicated = sorted({k for k in keys if keys.count(k) > 1}) if len(set(keys)) != len(keys) else []
+    if duplicated:
+        raise ValueError(f"kv_batch_put got duplicate keys {duplicated[:5]}; give each key once")
+    if tags is not None:
+        tags = _check_tags(tags, len(keys))
     if fields is not None:
         n = fields.batch_size[0] if isinstance(fields, TensorDict) and fields.batch_dims else None
         n = n if n is not None else _length(fields)
         if n != len(keys):
             raise ValueError(f"kv_batch_put got {n} rows of fields for {len(keys)} keys")
     client = get_client()
-    meta = await client.async_kv_retrieve_meta(keys, partition_id, create=True)
+    meta, created = await client.async_kv_lookup(keys, partition_id, create=True)
     old_fields = set(meta.field_names)
     merged = [dict(old) for old in meta.get_all_custom_meta()]
-    if tags is not None:
-        for row, new in zip(merged, tags):
-            row.update(new)
-        meta.update_custom_meta([dict(t) for t in tags])
-        await client.async_set_custom_meta(meta)
-    if fields is not None:
-        await client.async_put(fields, meta)
-        old_fields |= set(fields.keys())
+    try:
+        if fields is not None:
+            await client.async_put(fields, meta)
+            old_fields |= set(fields.keys())
+        if tags is not None:
+            for row, new in zip(merged, tags):
+                row.update(new)
+            meta.update_custom_meta(tags)
+            await client.async_set_custom_meta(meta)
+    except Exception:
+        if created.any():  # undo the rows this call created; the original error is the one to see
+            with contextlib.suppress(TQError):
+                await client.async_clear_samples(meta.select_samples(np.flatnonzero(created)))
+        raise
     return KVBatchMeta(keys=keys, tags=merged, partition_id=partition_id, fields=sorted(old_fields))
+
+
+def _check_tags(tags: Sequence[Mapping[str, Any]], n: int) -> list[dict[str, Any]]:
+    """One dict of plain values (str keys) per key, checked before anything is written."""
+    if isinstance(tags, Mapping) or len(tags) != n:
+        got = "a single dict" if isinstance(tags, Mapping) else f"{len(tags)} tags"
+        raise ValueError(f"kv_batch_put got {got} for {n} keys; give one tag dict per key")
+    out = []
+    for tag in tags:
+        if not isinstance(tag, Mapping) or not all(isinstance(k, str) for k in tag):
+            raise ValueError(f"a tag must be a dict with str keys, got {tag!r}")
+        out.append(dict(tag))
+    try:
+        msgspec.msgpack.encode(out)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise SchemaError(f"tags must be plain values (numbers, str, bytes, lists, dicts): {exc}") from None
+    return out
 
 
 def _length(fields: Mapping[str, Any]) -> int:
@@ -129,11 +163,15 @@ async def async_kv_batch_get(
             )
         fields = wanted
     if not fields:
-        raise NotFoundError(f"the requested keys of {partition_id!r} have no field in common; put fields first")
+        raise NotFoundError(
+            f"the requested keys of {partition_id!r} have no field in common; put fields first"
+        )
     return await client.async_get_data(meta.select_fields(fields))
 
 
-async def async_kv_batch_get_by_meta(meta: KVBatchMeta, select_fields: Sequence[str] | str | None = None) -> TensorDict:
+async def async_kv_batch_get_by_meta(
+    meta: KVBatchMeta, select_fields: Sequence[str] | str | None = None
+) -> TensorDict:
     if meta.partition_id is None:
         raise ValueError("kv_batch_get_by_meta needs a KVBatchMeta with a partition_id")
     if select_fields is not None:

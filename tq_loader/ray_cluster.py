@@ -8,6 +8,7 @@ size (TransferQueue's whole-CPU actors stay pending forever on a 2-core host).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import ray
@@ -19,6 +20,7 @@ from tq_loader.config import TQConfig, resolve_config
 __all__ = ["RayCluster", "find_controller_address"]
 
 _MIN_CPU = 0.001  # Ray bundles must ask for something; this is "no real CPU"
+_STOP_TIMEOUT = 10.0  # seconds to wait for services to stop cleanly before their actors are killed
 
 
 @ray.remote
@@ -29,7 +31,9 @@ class ServiceActor:
         from tq_loader.cluster import start_controller, start_storage_unit
 
         self.config = resolve_config(config)
-        self.host = start_controller(self.config) if kind == "controller" else start_storage_unit(self.config, index)
+        self.host = (
+            start_controller(self.config) if kind == "controller" else start_storage_unit(self.config, index)
+        )
 
     def address(self) -> str:
         return self.host.address
@@ -71,28 +75,48 @@ class RayCluster:
             ray.init(include_dashboard=False, namespace=config.ray.namespace, log_to_driver=False)
         cpus = max(config.ray.num_cpus, _MIN_CPU)
         conf = config.to_dict()
-        pg = placement_group([{"CPU": cpus}] * config.storage.num_units, strategy=config.ray.placement_strategy)
+        pg = placement_group(
+            [{"CPU": cpus}] * config.storage.num_units, strategy=config.ray.placement_strategy
+        )
         ray.get(pg.ready())
-        units = [
-            ServiceActor.options(
-                name=f"{config.ray.name}_unit_{i}",
-                namespace=config.ray.namespace,
-                num_cpus=cpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-            ).remote("storage", conf, i)
-            for i in range(config.storage.num_units)
-        ]
-        controller = ServiceActor.options(
-            name=_controller_name(config), namespace=config.ray.namespace, num_cpus=cpus
-        ).remote("controller", conf)
-        unit_addresses = ray.get([u.address.remote() for u in units])
-        ray.get(controller.publish_layout.remote(unit_addresses))
+        actors: list[Any] = []
+        try:  # a failed start (a name already taken, an actor that dies) leaves nothing behind
+            for i in range(config.storage.num_units):
+                actors.append(
+                    ServiceActor.options(
+                        name=f"{config.ray.name}_unit_{i}",
+                        namespace=config.ray.namespace,
+                        num_cpus=cpus,
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(
+                            pg, placement_group_bundle_index=i
+                        ),
+                    ).remote("storage", conf, i)
+                )
+            units = list(actors)
+            controller = ServiceActor.options(
+                name=_controller_name(config), namespace=config.ray.namespace, num_cpus=cpus
+            ).remote("controller", conf)
+            actors.append(controller)
+            unit_addresses = ray.get([u.address.remote() for u in units])
+            ray.get(controller.publish_layout.remote(unit_addresses))
+        except BaseException:
+            for actor in actors:
+                ray.kill(actor)
+            remove_placement_group(pg)
+            raise
         return cls(config, controller, units, pg)
 
     def stop(self) -> None:
-        actors = [*self.units, self.controller]
-        ray.get([a.stop.remote() for a in actors])
+        """Stop every service, even if some actor already died; idempotent. The names are free after."""
+        if self.pg is None:
+            return
+        actors, self.units = [*self.units, self.controller], []
+        refs = [a.stop.remote() for a in actors]
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=_STOP_TIMEOUT)
+        for ref in done:  # a dead actor's stop fails: killing it below is all that is left to do
+            with contextlib.suppress(ray.exceptions.RayActorError):
+                ray.get(ref)
         for actor in actors:
             ray.kill(actor)
         remove_placement_group(self.pg)
-        self.units = []
+        self.pg = None

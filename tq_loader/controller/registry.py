@@ -11,7 +11,8 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from tq_loader.controller.state import PartitionSnapshot, PartitionState, RowIdAllocator
+from tq_loader.controller.snapshot import PartitionSnapshot, from_snapshot, snapshot
+from tq_loader.controller.state import PartitionState, RowIdAllocator
 from tq_loader.errors import NotFoundError, ProtocolError, SchemaError, TQError
 
 __all__ = ["STATE_VERSION", "ControllerSnapshot", "ControllerState"]
@@ -95,7 +96,7 @@ class ControllerState:
     def export_state(self) -> dict[str, Any]:
         """Every partition and the allocator position as plain data (msgpack-able; arrays as bytes)."""
         snap = ControllerSnapshot(
-            STATE_VERSION, self.allocator.next_id, [part._snapshot() for part in self._partitions.values()]
+            STATE_VERSION, self.allocator.next_id, [snapshot(part) for part in self._partitions.values()]
         )
         return msgspec.to_builtins(snap, builtin_types=(bytes,))
 
@@ -122,7 +123,7 @@ class ControllerState:
         for part_snap in snap.partitions:
             if part_snap.partition_id in partitions:
                 raise ProtocolError(f"controller state: partition {part_snap.partition_id!r} appears twice")
-            partitions[part_snap.partition_id] = PartitionState._from_snapshot(part_snap, allocator)
+            partitions[part_snap.partition_id] = from_snapshot(part_snap, allocator)
         ids = np.concatenate(
             [np.empty(0, np.int64)] + [p.production_status(None, [])[0] for p in partitions.values()]
         )

@@ -109,7 +109,9 @@ class ControllerService:
         return p.NamesReply(names=self.state.list())
 
     def _prepare_write(self, ctx: RequestContext, req: p.PrepareWrite) -> p.WriteReply:
-        part = self.state.get_or_create(req.partition_id) if req.new_rows else self.state.get(req.partition_id)
+        part = (
+            self.state.get_or_create(req.partition_id) if req.new_rows else self.state.get(req.partition_id)
+        )
         merged = part.check_schemas(req.schemas)
         if req.new_rows:
             ids = part.insert(req.new_rows)
@@ -159,7 +161,9 @@ class ControllerService:
         ids = None if req.global_indexes is None else p.ids_from_wire(req.global_indexes)
         out_ids, fields, matrix = self.state.get(req.partition_id).production_status(ids, req.fields)
         return p.StatusReply(
-            global_indexes=p.ids_to_wire(out_ids), fields=list(fields), matrix=np.asarray(matrix, bool).tobytes()
+            global_indexes=p.ids_to_wire(out_ids),
+            fields=list(fields),
+            matrix=np.asarray(matrix, bool).tobytes(),
         )
 
     def _consumption_status(self, ctx: RequestContext, req: p.ConsumptionStatus) -> p.StatusReply:
@@ -338,7 +342,9 @@ class ControllerService:
                 return None
             self.ledger.put(key, req.batch_index, found)
         if found.dp_size != max(1, req.dp_size):
-            raise ValueError(f"batch {req.batch_index} was cut for dp_size={found.dp_size}, not {req.dp_size}")
+            raise ValueError(
+                f"batch {req.batch_index} was cut for dp_size={found.dp_size}, not {req.dp_size}"
+            )
         if found.end_of_stream:
             return self._end_of_stream(part, req, task)
         return self._meta(part, found.rank(req.dp_rank), req.data_fields)

@@ -1,7 +1,7 @@
 """The streaming loader: rank-aware dataset, torchdata.nodes DataLoader, Writer sink."""
 
 from tq_loader.loader.batching import chunk_batch_fn, default_fetch_batch_fn
-from tq_loader.loader.collate import pad_collate
+from tq_loader.loader.collate import pad_collate, passthrough
 from tq_loader.loader.dataloader import StreamingDataLoader
 from tq_loader.loader.dataset import StreamingDataset
 from tq_loader.loader.writer import Writer
@@ -13,4 +13,5 @@ __all__ = [
     "chunk_batch_fn",
     "default_fetch_batch_fn",
     "pad_collate",
+    "passthrough",
 ]

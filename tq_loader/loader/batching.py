@@ -13,7 +13,7 @@ from tensordict import TensorDict
 
 from tq_loader.metadata import BatchMeta
 
-__all__ = ["chunk_batch_fn", "default_fetch_batch_fn"]
+__all__ = ["chunk_batch_fn", "default_fetch_batch_fn", "meta_options", "meta_request"]
 
 
 def default_fetch_batch_fn(
@@ -28,14 +28,40 @@ def default_fetch_batch_fn(
 ) -> tuple[TensorDict | None, BatchMeta]:
     """``get_meta`` for ``batch_index`` (waits server-side), then ``get_data``; ``(None, meta)`` at the end."""
     meta = tq_client.get_meta(
-        data_fields, batch_size, partition_id, task_name=task_name,
-        sampling_config={**sampling_config, "batch_index": batch_index},
-        timeout=options.get("timeout"), allow_partial=options.get("allow_partial", False),
-        sampler=options.get("sampler"),
-    )  # fmt: skip
+        *meta_request(data_fields, batch_size, partition_id, task_name, sampling_config, batch_index),
+        **meta_options(options),
+    )
     if meta.size == 0:
         return None, meta
     return tq_client.get_data(meta, device=options.get("device")), meta
+
+
+def meta_request(
+    data_fields: Sequence[str],
+    batch_size: int,
+    partition_id: str,
+    task_name: str,
+    sampling_config: Mapping[str, Any],
+    batch_index: int,
+) -> tuple[Any, ...]:
+    """Positional ``get_meta`` arguments for batch ``batch_index`` (``batch_index`` rides in the config)."""
+    return (
+        data_fields,
+        batch_size,
+        partition_id,
+        "fetch",
+        task_name,
+        {**sampling_config, "batch_index": batch_index},
+    )
+
+
+def meta_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword-only ``get_meta`` options of a dataset (timeout, tail handling, sampler)."""
+    return {
+        "timeout": options.get("timeout"),
+        "allow_partial": options.get("allow_partial", False),
+        "sampler": options.get("sampler"),
+    }
 
 
 def chunk_batch_fn(

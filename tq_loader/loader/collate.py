@@ -14,7 +14,17 @@ from tensordict import TensorDict
 
 from tq_loader.metadata import BatchMeta
 
-__all__ = ["pad_collate", "pad_jagged"]
+__all__ = ["pad_collate", "pad_jagged", "passthrough"]
+
+
+def passthrough(item: Any) -> Any:
+    """``collate_fn`` for a plain ``torch.utils.data.DataLoader(dataset, batch_size=None, ...)``.
+
+    torch's default conversion treats a TensorDict as a ``Mapping`` and iterates it -- which walks
+    its rows, not its keys -- so it fails on ``(TensorDict, BatchMeta)`` items. Items are already
+    batches; pass them through unchanged (module-level, so ``spawn`` workers can pickle it).
+    """
+    return item
 
 
 def pad_jagged(nt: torch.Tensor, pad_value: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +43,9 @@ def pad_collate(item: tuple[TensorDict, BatchMeta], pad_value: float = 0.0) -> t
     for key, value in td.items():
         if isinstance(value, torch.Tensor) and value.is_nested and value.layout == torch.jagged:
             if getattr(value, "_ragged_idx", 1) != 1:
-                raise ValueError(f"collate='pad' pads along each row's first dim; field {key!r} is ragged elsewhere")
+                raise ValueError(
+                    f"collate='pad' pads along each row's first dim; field {key!r} is ragged elsewhere"
+                )
             out[key], out[f"{key}_mask"] = pad_jagged(value, pad_value)
         else:
             out[key] = value

@@ -12,16 +12,19 @@ same rows. Re-iterating or breaking early follows the same rule.
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from tensordict import TensorDict
+from tensordict import TensorDict, TensorDictBase
 from torchdata.nodes import BaseNode, Loader, Mapper, ParallelMapper, PinMemory, Prefetcher
 
+from tq_loader.errors import ClosedError
 from tq_loader.loader.dataset import StreamingDataset
-from tq_loader.loader.nodes import BatchIndices, FetchedBatch, MicroBatches
+from tq_loader.loader.nodes import BatchPlanner, FetchedBatch, MicroBatches
 from tq_loader.metadata import BatchMeta
 
 __all__ = ["StreamingDataLoader"]
@@ -58,27 +61,35 @@ class StreamingDataLoader:
         self._next_batch = dataset.start_batch_index
         self._skip_micro = 0
         self._loader: Loader | None = None
-        self._stats = {"batches": 0, "micro_batches": 0, "rows": 0, "bytes": 0, "wait_s": 0.0, "iter_s": 0.0}
+        self._calls: _MetaCalls | None = None
+        self._end: FetchedBatch | None = None
+        self._stats: dict[str, Any] = {
+            "batches": 0, "micro_batches": 0, "rows": 0, "bytes": 0, "wait_s": 0.0, "iter_s": 0.0,
+            "end_of_stream": False, "dropped_rows": 0,
+        }  # fmt: skip
 
     # ------------------------------------------------------------------ graph
-    def _fetch(self, client: Any) -> Callable[[int], FetchedBatch]:
-        def fetch(batch_index: int) -> FetchedBatch:
-            td, meta = self.dataset.fetch(client, batch_index)
-            return FetchedBatch(batch_index, td, meta)
-
-        return fetch
-
     def build_graph(self) -> BaseNode:
         """The node graph from the current resume point (override or pass ``nodes=`` to extend)."""
-        client = self.dataset.client()
-        source: BaseNode = BatchIndices(self._next_batch)
+        ds = self.dataset
+        client = ds.client()
+        calls = self._calls = _MetaCalls(client)
+        self._end = None
+
+        def plan(batch_index: int) -> FetchedBatch:
+            return ds.plan(client, batch_index, calls.get_meta)
+
+        def load(batch: FetchedBatch) -> FetchedBatch:
+            if batch.td is None and not batch.end:
+                batch.td = ds.load(client, batch.meta)
+            return batch
+
+        source: BaseNode = BatchPlanner(plan, self._next_batch)
         if self.num_workers > 0:
-            fetched: BaseNode = ParallelMapper(
-                source, self._fetch(client), num_workers=self.num_workers, in_order=True, method="thread"
-            )
+            fetched: BaseNode = ParallelMapper(source, load, num_workers=self.num_workers, in_order=True)
         else:
-            fetched = Mapper(source, self._fetch(client))
-        node: BaseNode = MicroBatches(fetched, self.dataset.split, skip=self._skip_micro)
+            fetched = Mapper(source, load)
+        node: BaseNode = MicroBatches(fetched, ds.split, skip=self._skip_micro, on_end=self._on_end)
         if self.collate_fn is not None:
             node = Mapper(node, self.collate_fn)
         for build in self.node_builders:
@@ -92,31 +103,46 @@ class StreamingDataLoader:
         """A fresh graph from the current position (for inspection or wrapping)."""
         return self.build_graph()
 
+    def _on_end(self, batch: FetchedBatch) -> None:
+        self._end = batch  # set on the graph's thread, read after the stream ended
+
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[tuple[TensorDict, BatchMeta]]:
-        self._shutdown()
+        self.close()
         self._loader = Loader(self.build_graph(), restart_on_stop_iteration=False)
         return self._iterate(self._loader)
 
     def _iterate(self, loader: Loader) -> Iterator[tuple[TensorDict, BatchMeta]]:
-        it = iter(loader)
-        started = time.perf_counter()
-        while True:
-            before = time.perf_counter()
-            try:
-                item = next(it)
-            except StopIteration:
-                return
-            finally:
-                now = time.perf_counter()
-                self._stats["wait_s"] += now - before
-                self._stats["iter_s"] += now - started
-                started = now
-            self._delivered(item)
-            yield item
+        try:
+            it = iter(loader)
+            started = time.perf_counter()
+            while True:
+                before = time.perf_counter()
+                try:
+                    item = next(it)
+                except StopIteration:
+                    self._finished()
+                    return
+                finally:
+                    now = time.perf_counter()
+                    self._stats["wait_s"] += now - before
+                    self._stats["iter_s"] += now - started
+                    started = now
+                self._delivered(item)
+                yield item
+        finally:
+            if self._loader is loader:  # an early break: stop fetching ahead (position is kept)
+                self.close()
+
+    def _finished(self) -> None:
+        end = self._end
+        if end is None or not end.meta.is_end_of_stream:
+            return
+        self._stats["end_of_stream"] = True
+        self._stats["dropped_rows"] = self.dataset.dropped_rows(self.dataset.client())
 
     def _delivered(self, item: Any) -> None:
-        meta: BatchMeta = item[1] if isinstance(item, tuple) else item["meta"]
+        meta = _find_meta(item)
         info = meta.extra_info
         batch, micro, total = info["batch_index"], info["micro_index"], info["num_micro_batches"]
         if micro + 1 >= total:
@@ -126,12 +152,19 @@ class StreamingDataLoader:
             self._next_batch, self._skip_micro = batch, micro + 1
         self._stats["micro_batches"] += 1
         self._stats["rows"] += meta.size
-        td = item[0] if isinstance(item, tuple) else None
-        if isinstance(td, TensorDict):
-            self._stats["bytes"] += int(td.bytes()) if hasattr(td, "bytes") else 0
+        td = item[0] if isinstance(item, (tuple, list)) else None
+        if isinstance(td, TensorDictBase):
+            self._stats["bytes"] += int(td.bytes())
 
-    def _shutdown(self) -> None:
-        self._loader = None  # torchdata's nodes stop their threads when collected
+    def close(self) -> None:
+        """Stop fetching ahead (cancels waiting metadata requests); the resume point is kept.
+
+        Rounds already cut for undelivered batches stay in the controller's ledger and are
+        replayed by the next ``iter()`` or by a loader that loads this one's ``state_dict()``.
+        """
+        calls, self._calls, self._loader = self._calls, None, None
+        if calls is not None:
+            calls.cancel()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -151,12 +184,16 @@ class StreamingDataLoader:
         mine = (ds.partition_id, ds.task_name, ds.dp_rank, ds.dp_size)
         theirs = (state["partition_id"], state["task_name"], state["dp_rank"], state["dp_size"])
         if mine != theirs:
-            raise ValueError(f"state was saved for (partition, task, dp_rank, dp_size)={theirs}, this loader is {mine}")
+            raise ValueError(
+                f"state was saved for (partition, task, dp_rank, dp_size)={theirs}, this loader is {mine}"
+            )
         self._next_batch = int(state["next_batch_index"])
         self._skip_micro = int(state["skip_micro_batches"])
 
     def statistics(self) -> dict[str, Any]:
-        """Batches, rows, bytes delivered and the share of time the consumer waited for data."""
+        """Batches, rows, bytes delivered, the share of time the consumer waited for data, and --
+        once a sealed stream ended -- ``dropped_rows``: rows of the partition the task never got
+        (the ``drop_last`` tail; all dp ranks together)."""
         stats = dict(self._stats)
         stats["wait_fraction"] = stats["wait_s"] / stats["iter_s"] if stats["iter_s"] > 0 else 0.0
         return stats
@@ -168,7 +205,56 @@ class StreamingDataLoader:
         return Writer(partition_id or self.dataset.partition_id, **kwargs)
 
 
-def _resolve_collate(collate_fn: Callable[[Any], Any] | None, collate: str | None) -> Callable[[Any], Any] | None:
+class _MetaCalls:
+    """The ``get_meta`` calls of one graph, cancellable when the loader closes it.
+
+    A metadata request may wait server-side for rows that never come (an unsealed stream the
+    user stopped reading); cancelling it frees the planner thread instead of leaking it.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._futures: set[concurrent.futures.Future[Any]] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def get_meta(self, *args: Any, **kwargs: Any) -> BatchMeta:
+        if not (hasattr(self.client, "_thread") and hasattr(self.client, "_core")):
+            return self.client.get_meta(*args, **kwargs)  # a client without the async core (tests)
+        with self._lock:
+            if self._closed:
+                raise ClosedError("the StreamingDataLoader iterator was closed")
+            future = self.client._thread().submit(self.client._core().async_get_meta(*args, **kwargs))
+            self._futures.add(future)
+        try:
+            return future.result()
+        finally:
+            with self._lock:
+                self._futures.discard(future)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._closed = True
+            futures, self._futures = list(self._futures), set()
+        for future in futures:
+            future.cancel()
+
+
+def _find_meta(item: Any) -> BatchMeta:
+    """The BatchMeta of a delivered item (a ``(td, meta)`` tuple, or a mapping holding one)."""
+    values = item.values() if isinstance(item, Mapping) else item if isinstance(item, (tuple, list)) else ()
+    for value in values:
+        if isinstance(value, BatchMeta):
+            return value
+    raise TypeError(
+        f"StreamingDataLoader items must carry their BatchMeta (a (td, meta) tuple or a mapping with one) "
+        f"to track the resume point; got {type(item).__name__} -- keep the meta in collate_fn/nodes output"
+    )
+
+
+def _resolve_collate(
+    collate_fn: Callable[[Any], Any] | None, collate: str | None
+) -> Callable[[Any], Any] | None:
     if collate_fn is not None and collate is not None:
         raise ValueError("pass collate_fn or collate, not both")
     if collate is None:

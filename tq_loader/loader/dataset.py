@@ -21,7 +21,9 @@ from typing import Any
 from tensordict import TensorDict
 from torch.utils.data import IterableDataset, get_worker_info
 
-from tq_loader.loader.batching import chunk_batch_fn, default_fetch_batch_fn
+from tq_loader.errors import TQTimeoutError
+from tq_loader.loader.batching import chunk_batch_fn, default_fetch_batch_fn, meta_options, meta_request
+from tq_loader.loader.nodes import FetchedBatch
 from tq_loader.metadata import BatchMeta
 
 __all__ = ["StreamingDataset"]
@@ -58,7 +60,9 @@ class StreamingDataset(IterableDataset):
         fields = [data_fields] if isinstance(data_fields, str) else list(data_fields)
         micro_batch_size = batch_size if micro_batch_size is None else micro_batch_size
         if batch_size < 1 or micro_batch_size < 1:
-            raise ValueError(f"batch_size ({batch_size}) and micro_batch_size ({micro_batch_size}) must be >= 1")
+            raise ValueError(
+                f"batch_size ({batch_size}) and micro_batch_size ({micro_batch_size}) must be >= 1"
+            )
         if not fields:
             raise ValueError("data_fields must name at least one field to read")
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
@@ -87,21 +91,78 @@ class StreamingDataset(IterableDataset):
     def rank_sampling_config(self) -> dict[str, Any]:
         return {**self.sampling_config, "dp_rank": self.dp_rank, "dp_size": self.dp_size}
 
+    @property
+    def uses_default_fetch(self) -> bool:
+        """Whether metadata and data can be fetched separately (the default ``fetch_batch_fn``)."""
+        return self.fetch_batch_fn is default_fetch_batch_fn
+
+    def fetch_options(self) -> dict[str, Any]:
+        return {"timeout": self.timeout, "allow_partial": not self.drop_last,
+                "sampler": self.sampler, "device": self.device}  # fmt: skip
+
+    def stream_done(self, client: Any) -> bool:
+        """``should_check_consumption_status``: stop once the task consumed every row (TransferQueue)."""
+        return bool(
+            self.should_check_consumption_status
+            and client.check_consumption_status(self.task_name, self.partition_id)
+        )
+
+    def meta_call(self, batch_index: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``(args, kwargs)`` of the ``get_meta`` call for batch ``batch_index`` of this rank."""
+        args = meta_request(self.data_fields, self.batch_size, self.partition_id, self.task_name,
+                            self.rank_sampling_config(), batch_index)  # fmt: skip
+        return args, meta_options(self.fetch_options())
+
     def fetch(self, client: Any, batch_index: int) -> tuple[TensorDict | None, BatchMeta]:
         """Batch ``batch_index`` of this rank: ``(None, meta)`` once the stream has ended."""
-        if self.should_check_consumption_status and client.check_consumption_status(
-            self.task_name, self.partition_id
-        ):
-            return None, BatchMeta.empty(end_of_stream=True)
-        options: dict[str, Any] = {}
-        if self.fetch_batch_fn is default_fetch_batch_fn:
-            options = {"timeout": self.timeout, "allow_partial": not self.drop_last,
-                       "sampler": self.sampler, "device": self.device}  # fmt: skip
-        return self.fetch_batch_fn(
-            tq_client=client, data_fields=self.data_fields, batch_size=self.batch_size,
-            partition_id=self.partition_id, task_name=self.task_name,
-            sampling_config=self.rank_sampling_config(), batch_index=batch_index, **options,
-        )  # fmt: skip
+        batch = self.plan(client, batch_index)
+        if batch.end:
+            return None, batch.meta
+        return (batch.td if batch.td is not None else self.load(client, batch.meta)), batch.meta
+
+    def plan(
+        self, client: Any, batch_index: int, get_meta: Callable[..., BatchMeta] | None = None
+    ) -> FetchedBatch:
+        """Batch ``batch_index``'s metadata (and its data too with a custom ``fetch_batch_fn``).
+
+        With ``should_check_consumption_status``, once the task consumed every row a batch is only
+        *replayed* from the controller's ledger (a TP peer or a slower DP rank still gets the
+        rounds cut before) and the stream ends instead of waiting for rows that will not come.
+        """
+        if not self.uses_default_fetch:
+            if self.stream_done(client):
+                return FetchedBatch(batch_index, BatchMeta.empty(end_of_stream=True), end=True)
+            td, meta = self.fetch_batch_fn(
+                tq_client=client, data_fields=self.data_fields, batch_size=self.batch_size,
+                partition_id=self.partition_id, task_name=self.task_name,
+                sampling_config=self.rank_sampling_config(), batch_index=batch_index,
+            )  # fmt: skip
+            return FetchedBatch(batch_index, meta, td, end=td is None or meta.size == 0)
+        get_meta = get_meta or client.get_meta
+        args, kwargs = self.meta_call(batch_index)
+        if self.stream_done(client):
+            kwargs["timeout"] = 0.0  # the server answers from its ledger or times out at once
+            try:
+                meta = get_meta(*args, **kwargs)
+            except TQTimeoutError:
+                meta = BatchMeta.empty(end_of_stream=True)
+        else:
+            meta = get_meta(*args, **kwargs)
+        return FetchedBatch(batch_index, meta, end=meta.size == 0)
+
+    def load(self, client: Any, meta: BatchMeta) -> TensorDict:
+        """The data of a batch whose metadata came from :meth:`meta_call`."""
+        return client.get_data(meta, device=self.device)
+
+    def dropped_rows(self, client: Any) -> int:
+        """Rows of the partition this task never consumed (meaningful once the stream ended).
+
+        After a sealed stream ends these are the tail that ``drop_last`` (or a tail smaller than
+        ``dp_size``, or incomplete sampler groups) left undelivered -- for all dp ranks together.
+        TODO: the controller's end-of-stream meta could carry this count; it does not yet.
+        """
+        _, consumed = client.get_consumption_status(self.task_name, self.partition_id)
+        return int(len(consumed) - int(consumed.sum()))
 
     def split(self, td: TensorDict, meta: BatchMeta, batch_index: int) -> list[tuple[TensorDict, BatchMeta]]:
         """Micro-batches of one batch, each meta tagged with its (batch, micro) position."""
@@ -124,7 +185,8 @@ class StreamingDataset(IterableDataset):
     def __iter__(self) -> Iterator[tuple[TensorDict, BatchMeta]]:
         client = self.client()
         for batch_index in self._batch_indexes():
-            td, meta = self.fetch(client, batch_index)
-            if td is None or meta.size == 0:
+            batch = self.plan(client, batch_index)
+            if batch.end:
                 return
-            yield from self.split(td, meta, batch_index)
+            td = batch.td if batch.td is not None else self.load(client, batch.meta)
+            yield from self.split(td, batch.meta, batch_index)

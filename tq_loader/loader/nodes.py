@@ -1,10 +1,17 @@
 """torchdata.nodes pieces of the streaming loader graph.
 
-``BatchIndices`` -> ``ParallelMapper(fetch)`` -> ``MicroBatches`` -> [user nodes] -> [PinMemory]
--> ``Prefetcher`` -> ``Loader``. Each node keeps an explicit state (``get_state``/``reset``), and
-the loader's own resume point is the position of the last *delivered* micro-batch: batches that
-were fetched ahead but not delivered are fetched again by batch index, and the controller's
-round ledger hands out the very same rows (exactly once across a restart).
+``BatchPlanner`` (metadata, one batch index after the other) -> ``ParallelMapper(load)`` (data,
+``num_workers`` threads, in order) -> ``MicroBatches`` -> [user nodes] -> [PinMemory] ->
+``Prefetcher`` -> ``Loader``.
+
+Metadata is asked for strictly in batch-index order, on one thread: the controller cuts round
+``i`` for the first caller of ``i``, so asking for ``i+1`` before ``i`` was answered could give the
+later index the earlier rows -- or the last rows, leaving ``i`` an end-of-stream marker and the
+rows of ``i+1`` undelivered. Data transfers (the bytes) run in parallel.
+
+The loader's resume point is the position of the last *delivered* micro-batch: batches planned
+or fetched ahead but not delivered are asked for again by batch index, and the controller's round
+ledger hands out the very same rows (exactly once across a restart).
 """
 
 from __future__ import annotations
@@ -18,42 +25,58 @@ from torchdata.nodes import BaseNode
 
 from tq_loader.metadata import BatchMeta
 
-__all__ = ["BatchIndices", "FetchedBatch", "MicroBatches"]
+__all__ = ["BatchPlanner", "FetchedBatch", "MicroBatches"]
 
 
 @dataclass
 class FetchedBatch:
-    """One fetched batch (``td is None``: the stream ended at this index)."""
+    """One batch of this rank: its metadata, and its data once loaded.
+
+    ``end`` marks the end of the stream (the controller's end-of-stream meta, or an empty batch).
+    """
 
     batch_index: int
-    td: TensorDict | None
     meta: BatchMeta
+    td: TensorDict | None = None
+    end: bool = False
 
 
-class BatchIndices(BaseNode[int]):
-    """``start, start+1, ...`` -- the batch indexes this rank will ask the controller for."""
+class BatchPlanner(BaseNode[FetchedBatch]):
+    """Plans batches ``start, start+1, ...`` one at a time; stops after the end-of-stream batch.
 
-    def __init__(self, start: int = 0) -> None:
+    ``plan(i)`` returns batch ``i`` (metadata, maybe data already). It runs on a single thread of
+    the graph, so batch ``i`` is always requested after batch ``i-1`` was answered.
+    """
+
+    def __init__(self, plan: Callable[[int], FetchedBatch], start: int = 0) -> None:
         super().__init__()
-        self.start = start
-        self._next = start
+        self.plan, self.start = plan, start
+        self._next, self._ended = start, False
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
-        self._next = self.start if initial_state is None else int(initial_state["next"])
+        if initial_state is None:
+            self._next, self._ended = self.start, False
+        else:
+            self._next, self._ended = int(initial_state["next"]), bool(initial_state["ended"])
 
-    def next(self) -> int:
-        index, self._next = self._next, self._next + 1
-        return index
+    def next(self) -> FetchedBatch:
+        if self._ended:
+            raise StopIteration
+        batch = self.plan(self._next)
+        self._next += 1
+        self._ended = batch.end
+        return batch
 
     def get_state(self) -> dict[str, Any]:
-        return {"next": self._next}
+        return {"next": self._next, "ended": self._ended}
 
 
 class MicroBatches(BaseNode[tuple[TensorDict, BatchMeta]]):
-    """Splits fetched batches into micro-batches; stops at the first end-of-stream batch.
+    """Splits fetched batches into micro-batches; stops at the end-of-stream batch.
 
     ``skip`` micro-batches of the first batch are dropped: they were delivered before a restart.
+    ``on_end`` is called with the end-of-stream meta (the loader's statistics use it).
     """
 
     def __init__(
@@ -61,9 +84,10 @@ class MicroBatches(BaseNode[tuple[TensorDict, BatchMeta]]):
         source: BaseNode[FetchedBatch],
         split: Callable[[TensorDict, BatchMeta, int], list[tuple[TensorDict, BatchMeta]]],
         skip: int = 0,
+        on_end: Callable[[FetchedBatch], None] | None = None,
     ) -> None:
         super().__init__()
-        self.source, self.split, self.skip = source, split, skip
+        self.source, self.split, self.skip, self.on_end = source, split, skip, on_end
         self._pending: list[tuple[TensorDict, BatchMeta]] = []
         self._to_skip = skip
         self._ended = False
@@ -79,8 +103,10 @@ class MicroBatches(BaseNode[tuple[TensorDict, BatchMeta]]):
             if self._ended:
                 raise StopIteration
             batch: FetchedBatch = next(self.source)
-            if batch.td is None or batch.meta.size == 0:
+            if batch.end or batch.td is None or batch.meta.size == 0:
                 self._ended = True
+                if self.on_end is not None:
+                    self.on_end(batch)
                 raise StopIteration
             parts = self.split(batch.td, batch.meta, batch.batch_index)
             self._pending = parts[self._to_skip :]

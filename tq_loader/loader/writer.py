@@ -23,7 +23,9 @@ __all__ = ["Writer"]
 class Writer:
     """Writes columns back to ``partition_id`` (the rows named by each call's ``meta``)."""
 
-    def __init__(self, partition_id: str | None = None, *, client: Any = None, max_in_flight: int = 0) -> None:
+    def __init__(
+        self, partition_id: str | None = None, *, client: Any = None, max_in_flight: int = 0
+    ) -> None:
         self.partition_id = partition_id
         self.max_in_flight = max_in_flight
         self._client = client

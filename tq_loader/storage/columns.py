@@ -36,6 +36,21 @@ __all__ = [
 ]  # fmt: skip
 
 
+_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def index_copy(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.index_copy_(0, index, src)`` for every dtype (uint16/32/64 and float8 have no kernel:
+    the bytes are copied through a same-size integer view)."""
+    try:
+        dst.index_copy_(0, index, src)
+    except (RuntimeError, NotImplementedError):
+        alias = _SAME_SIZE_INT.get(dst.element_size())
+        if alias is None or dst.is_complex():
+            raise
+        dst.view(alias).index_copy_(0, index, src.view(alias))
+
+
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype called ``name`` (``"float32"``); ``SchemaError`` for anything else."""
     dtype = getattr(torch, name, None)
@@ -186,7 +201,7 @@ def _assemble_dense(parts, n: int, schema: FieldSchema, dtype: torch.dtype, fiel
                 f"field {field!r}: a storage unit returned rows of shape {tuple(value.shape[1:])}, "
                 f"the column's schema says {shape}"
             )
-        out.index_copy_(0, _index(pos), value)
+        index_copy(out, _index(pos), value)
     return out
 
 
@@ -353,7 +368,7 @@ class DenseColumn(Column):
     def write(self, slots: np.ndarray, value: Any, copy_objects: bool) -> int:
         if not isinstance(value, torch.Tensor):  # same-shape rows given as a list of tensors
             value = torch.stack(list(value))
-        self.data.index_copy_(0, _index(slots), value)
+        index_copy(self.data, _index(slots), value)
         self.has[slots] = True
         return slots.size * self.row_bytes
 
