@@ -90,7 +90,9 @@ def test_plain_dataloader_workers_shard_batches(client: Any, pid: str, context: 
     put_rows(client, pid, 0, 48)
     client.seal(pid)
     ds = tq.StreamingDataset(None, 4, 2, ["x"], pid, "t", 0)  # config=None: attach via TQ_LOADER_ADDRESS
-    dl = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context=context, collate_fn=passthrough)
+    dl = DataLoader(
+        ds, batch_size=None, num_workers=2, multiprocessing_context=context, collate_fn=passthrough
+    )
     seen_batches: dict[int, list[int]] = {}
     for td, meta in dl:
         seen_batches.setdefault(meta.extra_info["batch_index"], []).extend(ids(td))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import threading
 import time
@@ -27,7 +28,7 @@ from tensordict import TensorDict
 from tq_loader import protocol as p
 from tq_loader.codec import batch_length
 from tq_loader.config import ClientConfig
-from tq_loader.errors import SchemaError
+from tq_loader.errors import SchemaError, TQError
 from tq_loader.loop import LoopThread
 from tq_loader.metadata import BatchMeta, schema_of
 from tq_loader.schema import FieldSchema
@@ -35,6 +36,8 @@ from tq_loader.storage.manager import StorageManager, make_storage_manager
 from tq_loader.transport import Connection
 
 __all__ = ["AsyncClient", "Client", "TransferQueueClient"]
+
+log = logging.getLogger(__name__)
 
 
 class AsyncClient:
@@ -81,12 +84,17 @@ class AsyncClient:
                         unit_addresses=list(info.storage_units),
                         connect=self._conn,
                         notify=self._notify_produced,
+                        on_unit_lost=self._unit_lost,
                         config=info.config,
                     )
         return self._storage
 
     async def _notify_produced(self, pid: str, ids: np.ndarray, schemas: dict[str, FieldSchema]) -> None:
         await self._call(p.NotifyProduced(partition_id=pid, global_indexes=p.ids_to_wire(ids), schemas=schemas))
+
+    async def _unit_lost(self, unit: int, num_units: int, reason: str) -> int:
+        reply: p.StatsReply = await self._call(p.ReportLost(unit=unit, num_units=num_units, reason=reason))
+        return int(reply.stats["lost_rows"])
 
     async def async_describe(self) -> p.ClusterInfo:
         await self.storage()
@@ -168,7 +176,11 @@ class AsyncClient:
             )
             ids = p.ids_from_wire(reply.global_indexes)
             metadata = BatchMeta(ids, np.full(n, partition_id, dtype=object))
-            await self._write(partition_id, data, metadata, reply.schemas)
+            try:
+                await self._write(partition_id, data, metadata, reply.schemas)
+            except BaseException:
+                await self._rollback_insert(partition_id, ids)
+                raise
         else:
             if metadata.size != n:
                 raise SchemaError(
@@ -189,6 +201,16 @@ class AsyncClient:
         self._stats["rows_put"] += n
         self._stats_time["put_s"] += time.monotonic() - started
         return metadata
+
+    async def _rollback_insert(self, pid: str, ids: np.ndarray) -> None:
+        """A failed insert-put must not leave rows that will never be produced (a sealed stream
+        would wait for them forever): forget them in the controller and the units."""
+        try:
+            await self._call(p.ClearSamples(partition_id=pid, global_indexes=p.ids_to_wire(ids)))
+            storage = await self.storage()
+            await storage.clear_data(BatchMeta(ids, np.full(len(ids), pid, dtype=object)))
+        except TQError as exc:  # the original error is the one to report
+            log.warning("could not roll back %d rows of a failed put into %r: %s", len(ids), pid, exc)
 
     async def _write(self, pid: str, data: Any, meta: BatchMeta, schemas: dict[str, FieldSchema]) -> None:
         storage = await self.storage()

@@ -152,6 +152,14 @@ class Stats(_Msg):
     pass
 
 
+class ReportLost(_Msg):
+    """A storage unit died: every live row striped to it (id % num_units == unit) is lost."""
+
+    unit: int
+    num_units: int
+    reason: str = ""
+
+
 class ExportState(_Msg):
     """Whole controller state as plain data (checkpoint)."""
 
@@ -251,7 +259,7 @@ class RowsReply(_Msg):
 Request = Union[
     Describe, CreatePartition, ListPartitions, GetMeta, PrepareWrite, NotifyProduced, SetTags,
     ClearSamples, ClearPartition, ResetConsumption, ProductionStatus, ConsumptionStatus, KVLookup,
-    KVList, Seal, Abort, Stats, ExportState, ImportState, PutRows, GetRows, DropRows, DropPartition,
+    KVList, Seal, Abort, Stats, ReportLost, ExportState, ImportState, PutRows, GetRows, DropRows, DropPartition,
     ExportRows,
 ]  # fmt: skip
 Reply = Union[

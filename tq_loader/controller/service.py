@@ -51,7 +51,8 @@ class ControllerService:
         self._changed: dict[str, asyncio.Event] = {}
         self._samplers: dict[str, BaseSampler] = {}
         self._waiting = 0
-        self._served = {"get_meta": 0, "rows_out": 0, "eos": 0, "timeouts": 0, "notifies": 0}
+        self._served = {"get_meta": 0, "rows_out": 0, "eos": 0, "timeouts": 0, "notifies": 0, "lost_rows": 0}
+        self.lost_units: dict[int, str] = {}
         self._dispatch: dict[type, Callable[..., Any]] = {
             p.Describe: self._describe,
             p.CreatePartition: self._create_partition,
@@ -70,6 +71,7 @@ class ControllerService:
             p.Seal: self._seal,
             p.Abort: self._abort,
             p.Stats: self._stats,
+            p.ReportLost: self._report_lost,
             p.ExportState: self._export_state,
             p.ImportState: self._import_state,
         }
@@ -218,6 +220,20 @@ class ControllerService:
         self._notify(req.partition_id)
         return p.Ok()
 
+    def _report_lost(self, ctx: RequestContext, req: p.ReportLost) -> p.StatsReply:
+        """Drop every live row of a dead unit: lost rows are reported, never served."""
+        if not 0 <= req.unit < req.num_units:
+            raise ValueError(f"unit {req.unit} is outside [0, {req.num_units})")
+        lost = 0
+        for pid in self.state.list():
+            part = self.state.get(pid)
+            ids, _, _ = part.production_status(None, [])
+            lost += len(part.clear(ids[ids % req.num_units == req.unit]))
+            self._notify(pid)
+        self._served["lost_rows"] += lost
+        self.lost_units[req.unit] = req.reason or "unreachable"
+        return p.StatsReply(stats={"lost_rows": lost})
+
     def _stats(self, ctx: RequestContext, req: p.Stats) -> p.StatsReply:
         return p.StatsReply(stats=self.statistics())
 
@@ -239,6 +255,7 @@ class ControllerService:
         return {
             "partitions": self.state.statistics(),
             "waiting_requests": self._waiting,
+            "lost_units": {str(k): v for k, v in self.lost_units.items()},
             "rounds": dataclasses.asdict(self.ledger.statistics()),
             **self._served,
         }

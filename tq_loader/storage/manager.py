@@ -23,7 +23,7 @@ from tensordict import NonTensorData, NonTensorStack, TensorDict, TensorDictBase
 
 from tq_loader import protocol as p
 from tq_loader.codec import batch_length, decode_columns, encode_columns, to_tensordict
-from tq_loader.errors import ClosedError, NotFoundError, SchemaError, TQConnectionError
+from tq_loader.errors import ClosedError, DataLostError, NotFoundError, SchemaError, TQConnectionError
 from tq_loader.metadata import BatchMeta, normalize_schema, schema_of
 from tq_loader.schema import FieldSchema
 from tq_loader.storage.columns import assemble, take_rows
@@ -38,6 +38,7 @@ __all__ = [
 ]
 
 Notify = Callable[[str, np.ndarray, dict[str, FieldSchema]], Awaitable[None]]
+UnitLost = Callable[[int, int, str], Awaitable[int]]  # (unit, num_units, reason) -> rows reported lost
 
 
 class StorageManager(ABC):
@@ -130,6 +131,7 @@ class SimpleStorageManager(StorageManager):
         connect: Callable[[str], Connection],
         notify: Notify | None = None,
         *,
+        on_unit_lost: UnitLost | None = None,
         request_timeout: float | None = 120.0,
         put_timeout: float | None = None,
         config: Mapping[str, Any] | None = None,
@@ -146,6 +148,7 @@ class SimpleStorageManager(StorageManager):
         )
         self._connect = connect
         self._notify = notify
+        self._on_unit_lost = on_unit_lost
         self._closed = False
 
     # ------------------------------------------------------------ plumbing
@@ -161,15 +164,28 @@ class SimpleStorageManager(StorageManager):
             return await self._connect(address).request(
                 body, buffers, timeout=self.request_timeout if timeout == "default" else timeout
             )
+        except DataLostError:
+            raise
         except TQConnectionError as exc:
-            raise type(exc)(f"storage unit {unit} ({address}): {exc}") from exc
+            if self._on_unit_lost is None or not self._connect(address).ever_connected:
+                raise type(exc)(f"storage unit {unit} ({address}): {exc}") from exc
+            # A unit we reached before is gone: its rows are lost. The controller drops them so
+            # they are never served again; the other units keep working.
+            lost = await self._on_unit_lost(unit, len(self.addresses), str(exc))
+            raise DataLostError(
+                f"storage unit {unit} ({address}) is unreachable ({exc}); its rows are lost -- {lost} row(s) "
+                "were removed from the controller and will not be served again. Re-produce them if needed"
+            ) from exc
 
     @staticmethod
-    async def _gather(coros: Sequence[Coroutine[Any, Any, Any]]) -> list[Any]:
-        """Run all at once; if any failed, raise the first error after all have finished."""
+    async def _gather(coros: Sequence[Coroutine[Any, Any, Any]], *, lost_ok: bool = False) -> list[Any]:
+        """Run all at once; if any failed, raise the first error after all have finished.
+
+        ``lost_ok``: a dead unit is no error (clearing rows that are already gone succeeds).
+        """
         results = await asyncio.gather(*coros, return_exceptions=True)
         for result in results:
-            if isinstance(result, BaseException):
+            if isinstance(result, BaseException) and not (lost_ok and isinstance(result, DataLostError)):
                 raise result
         return results
 
@@ -269,13 +285,15 @@ class SimpleStorageManager(StorageManager):
                     unit, p.DropRows(partition_id=pid, global_indexes=p.ids_to_wire(meta.global_indexes[pos]))
                 )
                 for pid, unit, pos in _groups(meta, len(self.addresses))
-            ]
+            ],
+            lost_ok=True,
         )
 
     async def clear_partition(self, partition_id: str) -> None:
         self._check_open()
         await self._gather(
-            [self._request(u, p.DropPartition(partition_id=partition_id)) for u in range(len(self.addresses))]
+            [self._request(u, p.DropPartition(partition_id=partition_id)) for u in range(len(self.addresses))],
+            lost_ok=True,
         )
 
     async def export_partition(
