@@ -62,7 +62,7 @@ async def served():
 
 
 async def test_round_trip_with_buffers(served):
-    service, server, conn = served
+    _, server, conn = served
     reply, frames = await conn.request(p.CreatePartition(partition_id="a"), [b"hello", memoryview(b"w")])
     assert isinstance(reply, p.NamesReply)
     assert reply.names == ["a", "hello", "w"]

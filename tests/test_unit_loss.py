@@ -14,7 +14,7 @@ from tq_loader import api
 
 @pytest.fixture
 def cluster():
-    config = tq.init({"storage": {"num_units": 2}, "client": {"connect_timeout": 1.0}})
+    tq.init({"storage": {"num_units": 2}, "client": {"connect_timeout": 1.0}})
     yield api._current().cluster
     tq.close()
 
