@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,6 +22,7 @@ import torch
 from conftest import in_thread, start_cluster, stop_cluster, wait_for_waiters
 from tensordict import TensorDict
 from torch.utils.data import DataLoader
+from torchdata.nodes import Mapper
 
 import tq_loader as tq
 from tq_loader.loader import chunk_batch_fn, passthrough
@@ -89,6 +92,7 @@ def consumed_rows(client: Any, pid: str, task: str) -> int:
 def test_plain_dataloader_workers_shard_batches(client: Any, pid: str, context: str) -> None:
     put_rows(client, pid, 0, 48)
     client.seal(pid)
+    assert os.environ["TQ_LOADER_ADDRESS"] == client.controller_address  # set by tq.init for the workers
     ds = tq.StreamingDataset(None, 4, 2, ["x"], pid, "t", 0)  # config=None: attach via TQ_LOADER_ADDRESS
     dl = DataLoader(
         ds, batch_size=None, num_workers=2, multiprocessing_context=context, collate_fn=passthrough
@@ -257,6 +261,48 @@ def test_early_break_and_reiter_replay_prefetched_batches(client: Any, pid: str)
     assert sorted(flat(got)) == list(range(40))
 
 
+def graph_threads() -> int:
+    names = ("_populate_queue", "_apply_udf", "_sort_worker")
+    return sum(any(n in t.name for n in names) for t in threading.enumerate())
+
+
+@pytest.mark.timeout(60)
+def test_break_while_waiting_cancels_fetch_ahead_and_resumes(client: Any, pid: str) -> None:
+    """Breaking out of an unsealed stream stops the graph's threads at once (the metadata request
+    waiting server-side is cancelled); the next iter() continues exactly after the last delivery."""
+    baseline = graph_threads()
+    put_rows(client, pid, 0, 4)
+    dl = loader(pid, 4, 2)
+    it = iter(dl)
+    assert [ids(next(it)[0]) for _ in range(2)] == [[0, 1], [2, 3]]  # the planner now waits for batch 1
+    wait_for_waiters(client, 1)
+    assert graph_threads() > baseline
+    started = time.monotonic()
+    it.close()  # what leaving a for loop with break does
+    assert graph_threads() == baseline, "the graph's threads outlived the break"
+    assert time.monotonic() - started < 2.0
+    put_rows(client, pid, 4, 8)
+    client.seal(pid)
+    assert drain(dl) == [[4, 5], [6, 7], [8, 9], [10, 11]]
+    wait_until(lambda: int(client.statistics()["controller"]["waiting_requests"]) == 0, "no request waits")
+
+
+@pytest.mark.timeout(60)
+def test_user_nodes_are_inserted_into_the_graph(client: Any, pid: str) -> None:
+    put_rows(client, pid, 0, 8)
+    client.seal(pid)
+
+    def add_square(node: Any) -> Any:
+        return Mapper(node, lambda item: (item[0].set("sq", item[0]["x"] ** 2), item[1]))
+
+    ds = tq.StreamingDataset(None, 4, 2, ["x"], pid, "t", 0)
+    dl = tq.StreamingDataLoader(ds, num_workers=1, nodes=[add_square])
+    out = list(dl)
+    assert [ids(td) for td, _ in out] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert all(torch.equal(td["sq"], td["x"] ** 2) for td, _ in out)
+    assert dl.state_dict()["next_batch_index"] == 2
+
+
 SAMPLERS = [
     ("sequential", {}),
     ("grpo_group_n", {"n_samples_per_prompt": 4}),
@@ -345,6 +391,20 @@ def test_writer_refuses_rows_of_another_partition(client: Any, pid: str) -> None
     (td, meta), *_ = list(loader(pid, 4))
     with pytest.raises(ValueError, match="writer for"):
         tq.Writer("elsewhere").write({"y": td["x"]}, meta)
+
+
+@pytest.mark.timeout(60)
+def test_async_writer_flush_reraises_a_failed_write(client: Any, pid: str) -> None:
+    put_rows(client, pid, 0, 8)
+    client.seal(pid)
+    dl = loader(pid, 4, 4)
+    writer = dl.writer(max_in_flight=1)
+    (td0, meta0), (_, meta1) = list(dl)
+    writer.write({"y": td0["x"].float()}, meta0)
+    writer.write({"y": torch.zeros(4, 3)}, meta1)  # another shape for the same column
+    with pytest.raises(tq.SchemaError):
+        writer.flush()
+    assert writer.rows_written == 4
 
 
 # ----------------------------------------------------------------------------- collate and statistics

@@ -1,8 +1,10 @@
 """``StreamingDataLoader``: a drop-in for ``torch.utils.data.DataLoader`` over a StreamingDataset.
 
-Built as a torchdata.nodes graph (see ``nodes.py``): batch indexes -> ``num_workers`` fetch threads
-(prefetching, in order) -> micro-batches -> user nodes -> optional pin-memory -> prefetcher.
-``for td, meta in loader`` yields ``(TensorDict, BatchMeta)`` micro-batches, as TransferQueue's.
+Built as a torchdata.nodes graph (see ``nodes.py``): metadata, one batch index after the other ->
+data fetched by ``num_workers`` threads (prefetching, in order) -> micro-batches -> user nodes ->
+optional pin-memory -> prefetcher. ``for td, meta in loader`` yields ``(TensorDict, BatchMeta)``
+micro-batches, as TransferQueue's. Leaving the loop (``break``), re-iterating or ``close()``
+stops the graph's threads at once.
 
 Resumable: ``state_dict()`` records the position after the last micro-batch handed to the user;
 ``load_state_dict()`` in a new process continues exactly there -- nothing lost, nothing repeated --
@@ -71,10 +73,10 @@ class StreamingDataLoader:
     # ------------------------------------------------------------------ graph
     def build_graph(self) -> BaseNode:
         """The node graph from the current resume point (override or pass ``nodes=`` to extend)."""
-        ds = self.dataset
-        client = ds.client()
-        calls = self._calls = _MetaCalls(client)
-        self._end = None
+        return self._graph(_MetaCalls(self.dataset.client()))
+
+    def _graph(self, calls: _MetaCalls) -> BaseNode:
+        ds, client = self.dataset, calls.client
 
         def plan(batch_index: int) -> FetchedBatch:
             return ds.plan(client, batch_index, calls.get_meta)
@@ -109,13 +111,16 @@ class StreamingDataLoader:
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[tuple[TensorDict, BatchMeta]]:
         self.close()
-        self._loader = Loader(self.build_graph(), restart_on_stop_iteration=False)
+        self._end = None
+        self._calls = _MetaCalls(self.dataset.client())
+        self._loader = Loader(self._graph(self._calls), restart_on_stop_iteration=False)
         return self._iterate(self._loader)
 
     def _iterate(self, loader: Loader) -> Iterator[tuple[TensorDict, BatchMeta]]:
         try:
-            it = iter(loader)
             started = time.perf_counter()
+            it = iter(loader)  # starts the graph's threads: counted as waiting
+            self._stats["wait_s"] += time.perf_counter() - started
             while True:
                 before = time.perf_counter()
                 try:
@@ -139,7 +144,10 @@ class StreamingDataLoader:
         if end is None or not end.meta.is_end_of_stream:
             return
         self._stats["end_of_stream"] = True
-        self._stats["dropped_rows"] = self.dataset.dropped_rows(self.dataset.client())
+        dropped = end.meta.get_extra_info("dropped_rows")  # sent by the controller with end-of-stream
+        if dropped is None:
+            dropped = self.dataset.dropped_rows(self.dataset.client())
+        self._stats["dropped_rows"] = int(dropped)
 
     def _delivered(self, item: Any) -> None:
         meta = _find_meta(item)
@@ -162,9 +170,11 @@ class StreamingDataLoader:
         Rounds already cut for undelivered batches stay in the controller's ledger and are
         replayed by the next ``iter()`` or by a loader that loads this one's ``state_dict()``.
         """
-        calls, self._calls, self._loader = self._calls, None, None
+        calls, loader, self._calls, self._loader = self._calls, self._loader, None, None
         if calls is not None:
             calls.cancel()
+        if loader is not None:
+            _stop_threads(loader.root)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -220,7 +230,7 @@ class _MetaCalls:
 
     def get_meta(self, *args: Any, **kwargs: Any) -> BatchMeta:
         if not (hasattr(self.client, "_thread") and hasattr(self.client, "_core")):
-            return self.client.get_meta(*args, **kwargs)  # a client without the async core (tests)
+            return self.client.get_meta(*args, **kwargs)  # a client without the async core (a test double)
         with self._lock:
             if self._closed:
                 raise ClosedError("the StreamingDataLoader iterator was closed")
@@ -238,6 +248,29 @@ class _MetaCalls:
             futures, self._futures = list(self._futures), set()
         for future in futures:
             future.cancel()
+
+
+def _stop_threads(root: BaseNode) -> None:
+    """Stop the threads of a graph now, innermost first.
+
+    torchdata stops a node's threads only when the node is garbage-collected -- possibly on one
+    of those very threads ("cannot join current thread") or much later. Its iterators expose a
+    ``_shutdown()`` (torchdata 0.11); nodes without one are left to the garbage collector.
+    """
+    found: list[Any] = []
+    seen: set[int] = set()
+    stack: list[Any] = [root]
+    while stack:
+        obj = stack.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        found.append(obj)
+        stack.extend(getattr(obj, name, None) for name in ("source", "_it"))
+    for obj in reversed(found):  # a node's inner nodes were found after it
+        shutdown = getattr(obj, "_shutdown", None)
+        if callable(shutdown):
+            shutdown()
 
 
 def _find_meta(item: Any) -> BatchMeta:

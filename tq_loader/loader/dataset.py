@@ -10,7 +10,9 @@ iterator; an aborted one raises ``ClosedError``.
 Inside a ``torch.utils.data.DataLoader(num_workers=W)`` worker ``w`` takes batch indexes
 ``w, w+W, w+2W, ...``, so workers never deliver a batch twice (TransferQueue's workers all start
 at index 0 and duplicate batches). The client is created lazily in ``__iter__``, so the dataset
-pickles into ``spawn`` workers and survives ``fork``.
+pickles into ``spawn`` workers and survives ``fork``. Pass ``batch_size=None`` and
+``collate_fn=tq_loader.loader.passthrough``: items are already batches, and torch's default
+conversion cannot walk a TensorDict.
 """
 
 from __future__ import annotations
@@ -159,7 +161,8 @@ class StreamingDataset(IterableDataset):
 
         After a sealed stream ends these are the tail that ``drop_last`` (or a tail smaller than
         ``dp_size``, or incomplete sampler groups) left undelivered -- for all dp ranks together.
-        TODO: the controller's end-of-stream meta could carry this count; it does not yet.
+        The controller's end-of-stream meta carries the same count (``extra_info["dropped_rows"]``);
+        this is the fallback for end markers that lack it.
         """
         _, consumed = client.get_consumption_status(self.task_name, self.partition_id)
         return int(len(consumed) - int(consumed.sum()))

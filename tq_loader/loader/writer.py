@@ -60,7 +60,10 @@ class Writer:
             self._slots.release()
             raise
         future.add_done_callback(lambda f: self._done(f, meta))
-        with self._lock:
+        with self._lock:  # keep what flush() still needs: running writes and failures
+            self._pending = [
+                f for f in self._pending if not f.done() or f.cancelled() or f.exception() is not None
+            ]
             self._pending.append(future)
 
     def _done(self, future: concurrent.futures.Future[Any], meta: BatchMeta) -> None:
