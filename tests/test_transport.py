@@ -189,3 +189,18 @@ async def test_auth_token_checked():
         await good.close()
         await bad.close()
         await server.close()
+
+
+async def test_cancelled_request_is_cancelled_on_the_server(served):
+    service, server, conn = served
+    service.gates["parked"] = asyncio.Event()
+    waiting = asyncio.ensure_future(conn.request(p.CreatePartition(partition_id="parked")))
+    while "parked" not in service.seen:
+        await asyncio.sleep(0.001)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    # The Cancel message travels on the same socket before this request, so it is handled first.
+    await conn.request(p.CreatePartition(partition_id="after"))
+    assert server.statistics()["cancelled"] == 1
+    assert server.statistics()["in_flight"] == 0

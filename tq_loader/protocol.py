@@ -152,6 +152,13 @@ class Stats(_Msg):
     pass
 
 
+class Cancel(_Msg):
+    """The client gave up on request ``request_id``: stop serving it (a waiting get_meta then
+    consumes nothing). Fire-and-forget: the server sends no reply."""
+
+    request_id: int
+
+
 class ReportLost(_Msg):
     """A storage unit died: every live row striped to it (id % num_units == unit) is lost."""
 
@@ -259,7 +266,7 @@ class RowsReply(_Msg):
 Request = Union[
     Describe, CreatePartition, ListPartitions, GetMeta, PrepareWrite, NotifyProduced, SetTags,
     ClearSamples, ClearPartition, ResetConsumption, ProductionStatus, ConsumptionStatus, KVLookup,
-    KVList, Seal, Abort, Stats, ReportLost, ExportState, ImportState, PutRows, GetRows, DropRows, DropPartition,
+    KVList, Seal, Abort, Stats, Cancel, ReportLost, ExportState, ImportState, PutRows, GetRows, DropRows, DropPartition,
     ExportRows,
 ]  # fmt: skip
 Reply = Union[

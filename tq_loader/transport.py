@@ -27,6 +27,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from tq_loader import protocol as p
 from tq_loader.errors import (
     ClosedError,
     ProtocolError,
@@ -88,6 +89,7 @@ class _ServerStats:
     errors: int = 0
     malformed: int = 0
     in_flight: int = 0
+    cancelled: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
 
@@ -113,7 +115,7 @@ class Server:
         self._token = auth_token
         self._sock: zmq.asyncio.Socket | None = None
         self._task: asyncio.Task[None] | None = None
-        self._handlers: set[asyncio.Task[None]] = set()
+        self._handlers: dict[tuple[bytes, int], asyncio.Task[None]] = {}
         self.stats = _ServerStats()
         self.address = ""
 
@@ -145,9 +147,30 @@ class Server:
                     return
                 log.warning("%s: receive failed: %s", self.name, exc)
                 continue
-            task = asyncio.get_running_loop().create_task(self._handle(frames))
-            self._handlers.add(task)
-            task.add_done_callback(self._handlers.discard)
+            self._dispatch(frames)
+
+    def _dispatch(self, frames: list[zmq.Frame]) -> None:
+        """Start a handler task, or cancel one when the client says it gave up on it."""
+        identity = frames[0].bytes
+        if len(frames) >= 2:
+            try:
+                envelope = decode_request(frames[1].buffer)
+            except ProtocolError:
+                envelope = None
+            if envelope is not None and isinstance(envelope.body, p.Cancel):
+                if not self._token or hmac.compare_digest(envelope.token or "", self._token):
+                    task = self._handlers.get((identity, envelope.body.request_id))
+                    if task is not None:
+                        task.cancel()
+                        self.stats.cancelled += 1
+                return
+            key = (identity, envelope.id if envelope is not None else -1)
+        else:
+            key = (identity, -1)
+        task = asyncio.get_running_loop().create_task(self._handle(frames))
+        if key[1] >= 0:
+            self._handlers[key] = task
+            task.add_done_callback(lambda _t, k=key: self._handlers.pop(k, None))
 
     async def _handle(self, frames: list[zmq.Frame]) -> None:
         identity = frames[0].bytes
@@ -168,7 +191,7 @@ class Server:
             out: list[Any] = [identity, encode(ReplyEnvelope(request_id, reply)), *buffers]
         except asyncio.CancelledError:
             self.stats.in_flight -= 1
-            raise
+            return  # cancelled by the client (or by close): nobody is waiting for a reply
         except Exception as exc:  # every failure becomes a typed error reply; the server keeps serving
             self.stats.errors += 1
             if isinstance(exc, ProtocolError):
@@ -199,7 +222,7 @@ class Server:
             log.debug("%s: reply dropped: %s", self.name, exc)
 
     async def close(self) -> None:
-        for task in [*self._handlers, self._task]:
+        for task in [*self._handlers.values(), self._task]:
             if task is not None:
                 task.cancel()
         if self._sock is not None:
@@ -281,6 +304,18 @@ class Connection:
             if future is not None and not future.done():
                 future.set_result((envelope, [f.buffer for f in frames[1:]]))
 
+    def _cancel_remote(self, request_id: int) -> None:
+        """Tell the server to stop serving a request we no longer wait for (best effort)."""
+        if self._sock is None or self._sock.closed:
+            return
+        header = encode(RequestEnvelope(next(self._ids), p.Cancel(request_id=request_id), None, self._token))
+        try:
+            sent = self._sock.send(header, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return  # not connected: the server cannot reply to anyone anyway
+        if isinstance(sent, asyncio.Future):  # fire and forget, but never leave an exception unread
+            sent.add_done_callback(lambda f: f.cancelled() or f.exception())
+
     def _fail_all(self, exc: Exception) -> None:
         pending, self._pending = self._pending, {}
         for future in pending.values():
@@ -316,9 +351,13 @@ class Connection:
         try:
             envelope, frames = await asyncio.wait_for(future, wait)
         except TimeoutError:
+            self._cancel_remote(request_id)
             raise TQTimeoutError(
                 f"{type(body).__name__} to {self.address}: no reply within {time.monotonic() - started:.1f}s"
             ) from None
+        except asyncio.CancelledError:
+            self._cancel_remote(request_id)
+            raise
         finally:
             self._pending.pop(request_id, None)
         if envelope.error_kind is not None:
