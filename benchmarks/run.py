@@ -27,7 +27,14 @@ from rich.progress import Progress
 from rich.table import Table
 
 import tq_loader
-from benchmarks.streaming import LatencySpec, LoaderSpec, PerSampleSpec, run_latency, run_loader, run_per_sample
+from benchmarks.streaming import (
+    LatencySpec,
+    LoaderSpec,
+    PerSampleSpec,
+    run_latency,
+    run_loader,
+    run_per_sample,
+)
 from benchmarks.transfer import TransferSpec, run_transfer
 
 GROUPS = ("transfer", "per_sample", "latency", "loader")
@@ -36,19 +43,24 @@ GROUPS = ("transfer", "per_sample", "latency", "loader")
 @dataclass(frozen=True)
 class Plan:
     transfer: list[TransferSpec] = field(default_factory=list)
-    per_sample: PerSampleSpec = PerSampleSpec()
-    latency: LatencySpec = LatencySpec()
-    loader: LoaderSpec = LoaderSpec()
+    per_sample: PerSampleSpec = field(default_factory=PerSampleSpec)
+    latency: LatencySpec = field(default_factory=LatencySpec)
+    loader: LoaderSpec = field(default_factory=LoaderSpec)
 
 
 FULL = Plan(
     transfer=[TransferSpec(), TransferSpec(jagged=True), TransferSpec(num_units=1)],
 )
 QUICK = Plan(
-    transfer=[TransferSpec(rows=32, width=1024, reps=2), TransferSpec(rows=32, width=1024, jagged=True, reps=2)],
+    transfer=[
+        TransferSpec(rows=32, width=1024, reps=2),
+        TransferSpec(rows=32, width=1024, jagged=True, reps=2),
+    ],
     per_sample=PerSampleSpec(rows=128, reps=1),
     latency=LatencySpec(n=5),
-    loader=LoaderSpec(rows=256, width=256, max_tokens=64, batch_size=32, micro_batch_size=8, step_ms=1.0, reps=1),
+    loader=LoaderSpec(
+        rows=256, width=256, max_tokens=64, batch_size=32, micro_batch_size=8, step_ms=1.0, reps=1
+    ),
 )
 
 
@@ -84,13 +96,24 @@ def print_tables(results: dict[str, Any], console: Console) -> None:
     if "transfer" in results:
         t = Table(title="put / get throughput, GiB/s (median) and ratios; floor = raw ZMQ frames, "
                   "pickle = pickle.dumps/loads over the same socket")  # fmt: skip
-        for col in ("batch", "op", "MiB", "tq", "floor", "pickle", "tq/floor", "tq/pickle"):
+        for col in (
+            "batch",
+            "op",
+            "MiB",
+            "tq",
+            "floor",
+            "pickle",
+            "tq/floor",
+            "tq/pickle",
+            "best tq/floor",
+        ):
             t.add_column(col, justify="left" if col in ("batch", "op") else "right")
         for name, r in results["transfer"].items():
             for op in ("put", "get"):
                 x = r[op]
                 t.add_row(name, op, _f(r["bytes"] / 2**20, 1), _f(x["tq_gibs"]), _f(x["floor_gibs"]),
-                          _f(x["pickle_gibs"]), _f(x["tq_over_floor"]), _f(x["tq_over_pickle"]))  # fmt: skip
+                          _f(x["pickle_gibs"]), _f(x["tq_over_floor"]), _f(x["tq_over_pickle"]),
+                          _f(x["best_tq_over_floor"]))  # fmt: skip
         console.print(t)
         console.print(
             "get_meta before each get (ms, median): "
@@ -120,6 +143,8 @@ def print_tables(results: dict[str, Any], console: Console) -> None:
         t.add_row("poll + sleep(1 s) (TransferQueue), ANALYTIC: 0.5 s + one empty poll",
                   _f(r["poll_1s_analytic_ms"], 1), _f(r["poll_1s_analytic_over_blocking"], 0))  # fmt: skip
         console.print(t)
+        console.print(f"one empty get_meta (polling mode): {_f(r['empty_poll_ms'], 3)} ms; raw ZMQ 1 KiB "
+                      f"round trip: {_f(r['zmq_rtt_ms'], 3)} ms")  # fmt: skip
     if "loader" in results:
         r = results["loader"]
         s = r["spec"]
@@ -180,7 +205,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
                         ha="center", va="bottom", fontsize=8)  # fmt: skip
         ax.set_ylabel("rows/s (median)")
         ax.set_title("StreamingDataLoader")
-    fig.suptitle("tq_loader benchmarks (ratios within one run; absolute numbers are machine- and load-dependent)")
+    fig.suptitle(
+        "tq_loader benchmarks (ratios within one run; absolute numbers are machine- and load-dependent)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -199,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(groups) - set(GROUPS))
     if unknown:
         ap.error(f"unknown group(s) {unknown}; choose from {list(GROUPS)}")
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=130)  # logs: keep tables unwrapped
     started = time.perf_counter()
     results = run(QUICK if args.quick else FULL, groups, console)
     results["meta"] = {
@@ -218,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     stem = "bench-quick" if args.quick else "bench"
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     plot(results, args.out / f"{stem}.png")
-    console.print(f"wrote {args.out / (stem + '.json')} and {stem}.png in {results['meta']['duration_s']:.0f} s")
+    console.print(
+        f"wrote {args.out / (stem + '.json')} and {stem}.png in {results['meta']['duration_s']:.0f} s"
+    )
     return 0
 
 

@@ -7,7 +7,8 @@
   was already blocked (server-side wait) returning in a consumer thread with its own client;
   versus a *measured* client-polling loop (controller in ``polling_mode``: an empty reply at once,
   then ``sleep(poll_interval)``, as TransferQueue's StreamingDataset does with 1 s). The 1 s
-  poller is not run: its expected latency is computed as ``interval / 2 + one empty poll``.
+  poller is not run: its expected latency is computed as ``interval / 2 + one empty poll``. A raw
+  1 KiB DEALER/ROUTER round trip (``zmq_rtt_ms``) gives the scale of one control message.
 * ``run_loader``: a sealed partition read by ``StreamingDataLoader`` with ``num_workers`` 0 and
   2, without and with a simulated training step (``sleep``: releases the GIL like a GPU step).
 """
@@ -25,7 +26,7 @@ import torch
 from tensordict import TensorDict
 
 import tq_loader as tq
-from benchmarks.harness import median, timed, tq_cluster
+from benchmarks.harness import WireBaseline, median, timed, tq_cluster
 
 __all__ = ["LatencySpec", "LoaderSpec", "PerSampleSpec", "run_latency", "run_loader", "run_per_sample"]
 
@@ -160,6 +161,9 @@ def run_latency(spec: LatencySpec) -> dict[str, Any]:
         client.get_meta(["x"], 1, "empty", task_name="drain")
         empty_poll = median([timed(lambda: client.get_meta(["x"], 1, "empty", task_name="drain"))
                              for _ in range(max(5, spec.n // 2))])  # fmt: skip
+    with WireBaseline() as wire:  # the transport floor of one control round trip, for scale
+        ping = [memoryview(bytes(1024))]
+        zmq_rtt = median([timed(lambda: wire.put_raw(ping)) for _ in range(200)])
     blocking_ms = median(blocking["from_put_start"]) * 1e3
     polled_ms = median(polled["from_put_start"]) * 1e3
     analytic_ms = (spec.analytic_interval / 2 + empty_poll) * 1e3
@@ -170,6 +174,7 @@ def run_latency(spec: LatencySpec) -> dict[str, Any]:
         "blocking_p90_ms": sorted(blocking["from_put_start"])[int(0.9 * (spec.n - 1))] * 1e3,
         "poll_10ms_measured_ms": polled_ms,
         "empty_poll_ms": empty_poll * 1e3,
+        "zmq_rtt_ms": zmq_rtt * 1e3,
         "poll_1s_analytic_ms": analytic_ms,
         "poll_10ms_over_blocking": polled_ms / blocking_ms,
         "poll_1s_analytic_over_blocking": analytic_ms / blocking_ms,

@@ -48,6 +48,9 @@ class StorageConfig:
     num_units: int = 2
     capacity_rows: int | None = None  # per unit; None = unbounded
     put_timeout: float = 30.0  # how long a put waits for space in a full unit before CapacityError
+    # rows go to unit (global_index // stripe_rows) % num_units: blocks keep a batch in few contiguous
+    # runs per unit (moved as slices, not gathered row by row). = storage.striping.DEFAULT_STRIPE_ROWS
+    stripe_rows: int = 64
     ports: list[int] = field(default_factory=list)  # fixed ports for units (empty: ephemeral)
 
 
@@ -137,7 +140,11 @@ def _from_transfer_queue(conf: Any) -> Any:
         if "num_data_storage_units" in simple:
             storage.setdefault("num_units", int(simple["num_data_storage_units"]))
     controller = conf.get("controller")
-    if isinstance(controller, dict) and "sampler" in controller and not isinstance(controller["sampler"], str):
+    if (
+        isinstance(controller, dict)
+        and "sampler" in controller
+        and not isinstance(controller["sampler"], str)
+    ):
         controller["sampler"] = getattr(controller["sampler"], "__name__", str(controller["sampler"]))
     return conf
 
@@ -168,23 +175,23 @@ class LoaderNode(LoaderConfig):
 class ModelConfig:
     """The demo trainer's tiny policy (built with ``hydra.utils.instantiate``)."""
 
-    _target_: str = "tq_loader.demo.TinyPolicy"
+    _target_: str = "tq_loader.demo_stages.tiny_policy"
     vocab_size: int = 256
     hidden: int = 32
 
 
 @dataclass
 class DemoConfig:
-    """Sizes of the GRPO demo. ``prompts * n_samples`` must divide by ``loader.batch_size * loader.dp_size``."""
+    """Sizes of the GRPO demo; ``prompts * n_samples`` must divide by ``loader.batch_size * dp_size``."""
 
-    prompts: int = 256
+    prompts: int = 1024
     n_samples: int = 4  # responses per prompt: the GRPO group size
     prompt_len: int = 16
     min_response_len: int = 8
-    max_response_len: int = 96
+    max_response_len: int = 128
     rollout_workers: int = 2  # threads of the rollout stage, each putting its own prompts
-    rollout_chunk: int = 4  # prompts per put (their n responses are inserted together)
-    reward_batch_size: int = 32
+    rollout_chunk: int = 8  # prompts per put (their n responses are inserted together)
+    reward_batch_size: int = 64
     reward_fetch_workers: int = 2
     tp_size: int = 2  # "tensor-parallel" threads per data-parallel trainer rank
     lr: float = 0.01
@@ -196,11 +203,28 @@ class DemoConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
 
 
+def _pipeline_loader() -> LoaderNode:
+    """The GRPO app's trainer loader: the values of configs/loader/default.yaml + sampler/grpo.yaml."""
+    return LoaderNode(
+        batch_size=32,
+        micro_batch_size=16,
+        data_fields=["prompts", "responses", "rewards", "prompt_id"],
+        task_name="actor_update",
+        dp_size=2,
+        sampler="grpo_group_n",
+        sampling_config={"n_samples_per_prompt": "${demo.n_samples}"},
+        collate="pad",
+    )
+
+
 @dataclass
 class PipelineConfig(TQConfig):
-    """Root of the Hydra app: the cluster tree, a buildable ``loader`` and the ``demo`` sizes."""
+    """Root of the Hydra app: the cluster tree, a buildable ``loader`` and the ``demo`` sizes.
 
-    loader: LoaderNode = field(default_factory=LoaderNode)
+    Its defaults equal what ``configs/config.yaml`` composes, so the app also runs without YAML.
+    """
+
+    loader: LoaderNode = field(default_factory=_pipeline_loader)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 

@@ -58,16 +58,29 @@ def build_loader(
     default: the cluster this process is attached to) and extra keyword arguments go to
     :class:`~tq_loader.loader.StreamingDataset`.
     """
+    fields = data_fields if isinstance(data_fields, str) else list(_plain(data_fields))
     dataset = StreamingDataset(
-        _plain(config), int(batch_size), micro_batch_size, list(_plain(data_fields)) if not
-        isinstance(data_fields, str) else data_fields, partition_id, task_name, int(dp_rank),
-        dp_size=int(dp_size), sampler=sampler, sampling_config=_plain(sampling_config) or {},
-        drop_last=drop_last, timeout=timeout, **dataset_kwargs,
-    )  # fmt: skip
+        _plain(config),
+        int(batch_size),
+        micro_batch_size,
+        fields,
+        partition_id,
+        task_name,
+        int(dp_rank),
+        dp_size=int(dp_size),
+        sampler=sampler,
+        sampling_config=_plain(sampling_config) or {},
+        drop_last=drop_last,
+        timeout=timeout,
+        **dataset_kwargs,
+    )
     return StreamingDataLoader(
-        dataset, num_workers=int(num_workers), prefetch_factor=int(prefetch_factor), pin_memory=pin_memory,
+        dataset,
+        num_workers=int(num_workers),
+        prefetch_factor=int(prefetch_factor),
+        pin_memory=pin_memory,
         collate=collate,
-    )  # fmt: skip
+    )
 
 
 def loader_kwargs(cfg: LoaderConfig | Mapping[str, Any] | DictConfig | None) -> dict[str, Any]:
@@ -99,7 +112,8 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
     register_configs()
     if not (CONFIG_DIR / f"{config_name}.yaml").is_file():
         dotlist = [o for o in overrides if not o.startswith(("hydra.", "+hydra"))]
-        return OmegaConf.merge(OmegaConf.structured(PipelineConfig), OmegaConf.from_dotlist(dotlist))  # type: ignore[return-value]
+        merged = OmegaConf.merge(OmegaConf.structured(PipelineConfig), OmegaConf.from_dotlist(dotlist))
+        return merged  # type: ignore[return-value]
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra

@@ -108,7 +108,7 @@ class StreamingDataModule(LightningDataModule):
     # ------------------------------------------------------------------ ranks
     def data_parallel(self) -> tuple[int, int]:
         """``(dp_rank, dp_size)`` of this process."""
-        trainer = self._trainer
+        trainer = self.trainer
         world = trainer.world_size if trainer is not None else 1
         rank = trainer.global_rank if trainer is not None else 0
         if world % self.tp_size:
@@ -123,7 +123,9 @@ class StreamingDataModule(LightningDataModule):
             self._pending.setdefault(stage, old.consumed)
             old.close()
         dp_rank, dp_size = self.data_parallel()
-        stream = TrackedStream(build_loader(**{**kwargs, "dp_rank": dp_rank, "dp_size": dp_size, "config": self.config}))
+        stream = TrackedStream(
+            build_loader(**{**kwargs, "dp_rank": dp_rank, "dp_size": dp_size, "config": self.config})
+        )
         state = self._pending.pop(stage, None)
         if state is not None:
             stream.restore(_for_rank(state, dp_rank))
@@ -140,7 +142,7 @@ class StreamingDataModule(LightningDataModule):
         return self._build("val", self.val_loader_kwargs)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        trainer = self._trainer
+        trainer = self.trainer
         if trainer is None:
             return batch
         if trainer.training:
