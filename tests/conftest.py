@@ -68,9 +68,11 @@ def stop_cluster() -> None:
 
 @pytest.fixture(scope="module", params=["local", pytest.param("ray", marks=pytest.mark.ray)])
 def cluster(request: pytest.FixtureRequest) -> Iterator[ClusterHandle]:
+    """This module's cluster; a module may set ``NUM_UNITS = {"ray": 1}`` to start fewer actors."""
+    units = getattr(request.module, "NUM_UNITS", {}).get(request.param, 2)
     if request.param == "ray":
         request.getfixturevalue("ray_instance")
-    handle = start_cluster(request.param)
+    handle = start_cluster(request.param, storage={"num_units": units})
     try:
         yield handle
     finally:

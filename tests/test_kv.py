@@ -10,6 +10,8 @@ from tensordict import NonTensorStack, TensorDict
 import tq_loader.kv as kv
 from tq_loader.errors import NotFoundError, SchemaError
 
+NUM_UNITS = {"ray": 1}  # each Ray actor costs seconds to start; striping is covered on "local"
+
 
 def test_kv_put_single_row_round_trip(cluster, pid):
     meta = kv.kv_put(

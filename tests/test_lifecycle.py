@@ -5,6 +5,8 @@ Every test uses its own partition, so the module shares one cluster per placemen
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 import torch
@@ -83,6 +85,39 @@ def test_roundtrip_every_kind_of_field(client, pid):
             got = out[name]
             assert got.dtype == value.dtype and got.shape == value.shape, name
             assert torch.equal(_bits(got), _bits(value)), name
+
+
+def test_roundtrip_of_a_plain_dict_with_ragged_rows_and_lists(client, pid):
+    rows = [torch.randn(i + 1, i + 2) for i in range(3)]  # ragged in two dimensions
+    meta = client.put(
+        {"r": rows, "plain": [1, "two", None], "arr": np.arange(6).reshape(3, 2)}, partition_id=pid
+    )
+    out = client.get_data(client.get_meta(["r", "plain", "arr"], 3, pid, task_name="t", timeout=30))
+    assert [torch.equal(a, b) for a, b in zip(out["r"].unbind(), rows)] == [True] * 3
+    assert list(out["plain"]) == [1, "two", None]
+    assert torch.equal(out["arr"], torch.arange(6).reshape(3, 2))
+    assert meta.size == 3
+
+
+def test_empty_batches_are_not_errors(client, pid):
+    empty = client.put(TensorDict({"x": torch.ones(0, 1)}, batch_size=[0]), partition_id=pid)
+    assert empty.size == 0 and pid in client.get_partition_list()
+    meta = _put_rows(client, pid, n=1)
+    client.seal(pid)
+    assert _ids(client.get_meta(["x"], 1, pid, task_name="t", timeout=30)) == _ids(meta)
+    end = client.get_meta(["x"], 1, pid, task_name="t", timeout=30)
+    assert end.is_end_of_stream
+    out = client.get_data(end)  # a loop may fetch the end-of-stream batch like any other
+    assert out.batch_size == torch.Size([0])
+
+
+def test_put_into_cleared_rows_is_refused_without_storing(client, pid):
+    meta = _put_rows(client, pid, n=3)
+    client.clear_samples(meta.select_samples([1]))
+    with pytest.raises(NotFoundError, match=str(_ids(meta)[1])):
+        client.put(TensorDict({"y": torch.ones(3, 1)}, batch_size=[3]), metadata=meta)
+    _, status = client.get_production_status(["x", "y"], pid)
+    assert status[:, 1].sum() == 0
 
 
 def test_get_data_follows_metadata_row_order(client, pid):
@@ -543,3 +578,81 @@ def test_rank_aware_peers_waiting_on_one_batch_get_the_same_rows(client, pid):
     assert _ids(a) == _ids(b) and a.size == 2
     other = _rank_batch(client, pid, 1, 0)
     assert not set(_ids(other)) & set(_ids(a))
+
+
+# ---------------------------------------------------------------------- clients coming and going
+def test_a_closed_client_fails_fast_and_others_keep_working(client, pid):
+    from tq_loader.client import Client
+
+    other = Client(client.controller_address)
+    meta = other.put(TensorDict({"x": torch.ones(2, 1)}, batch_size=[2]), partition_id=pid)
+    other.close()
+    with pytest.raises(ClosedError):
+        other.get_partition_list()
+    got = client.get_meta(["x"], 2, pid, task_name="t", timeout=30)
+    assert _ids(got) == _ids(meta)
+
+
+def test_closing_a_client_wakes_its_own_blocked_get_meta(client, pid):
+    from tq_loader.client import Client
+
+    gone = Client(client.controller_address)
+    base = waiting_requests(client)
+    waiter = in_thread(gone.get_meta, ["x"], 2, pid, task_name="t")  # no timeout: would wait forever
+    wait_for_waiters(client, base + 1)
+    gone.close()
+    with pytest.raises(ClosedError):
+        waiter.result(timeout=30)
+    client.seal(pid)  # ends the request the controller still holds for the closed client
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=TQTimeoutError,
+    reason="reported: Connection.close() sends no Cancel for requests in flight, so a get_meta parked "
+    "for a client that closed still consumes rows when they arrive (timeouts and cancels are fine)",
+)
+def test_rows_are_not_lost_to_a_waiter_whose_client_closed(client, pid):
+    from tq_loader.client import Client
+
+    gone = Client(client.controller_address)
+    base = waiting_requests(client)
+    waiter = in_thread(gone.get_meta, ["x"], 2, pid, task_name="t", timeout=60)
+    wait_for_waiters(client, base + 1)
+    gone.close()
+    with pytest.raises(ClosedError):
+        waiter.result(timeout=30)
+    meta = _put_rows(client, pid, n=2)
+    got = client.get_meta(["x"], 2, pid, task_name="t", timeout=1)
+    assert _ids(got) == _ids(meta)
+
+
+# ---------------------------------------------------------------------- the async facade
+async def _async_wait_for_waiters(client, n: int, timeout: float = 20.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (await client.async_statistics())["controller"]["waiting_requests"] < n:
+        assert loop.time() < deadline, f"fewer than {n} get_meta requests were waiting after {timeout}s"
+        await asyncio.sleep(0.005)  # test-side polling of a counter, bounded by the deadline
+
+
+async def test_async_get_meta_is_woken_by_an_async_put(client, pid):
+    base = (await client.async_statistics())["controller"]["waiting_requests"]
+    waiter = asyncio.ensure_future(client.async_get_meta(["x"], 2, pid, task_name="t", timeout=60))
+    await _async_wait_for_waiters(client, base + 1)
+    meta = await client.async_put(TensorDict({"x": torch.ones(2, 1)}, batch_size=[2]), partition_id=pid)
+    got = await asyncio.wait_for(waiter, 30)
+    assert _ids(got) == _ids(meta)
+    assert (await client.async_get_data(got))["x"].shape == (2, 1)
+
+
+async def test_a_cancelled_async_get_meta_consumes_nothing(client, pid):
+    base = (await client.async_statistics())["controller"]["waiting_requests"]
+    waiter = asyncio.ensure_future(client.async_get_meta(["x"], 2, pid, task_name="t", timeout=60))
+    await _async_wait_for_waiters(client, base + 1)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    meta = await client.async_put(TensorDict({"x": torch.ones(2, 1)}, batch_size=[2]), partition_id=pid)
+    got = await client.async_get_meta(["x"], 2, pid, task_name="t", timeout=30)
+    assert _ids(got) == _ids(meta)
