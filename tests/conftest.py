@@ -103,6 +103,15 @@ def wait_for_waiters(client: Any, n: int = 1, timeout: float = 20.0) -> None:
         time.sleep(0.005)  # test-side polling of a counter, bounded by the deadline
 
 
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Return once ``predicate()`` holds (or fail naming ``what``)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.005)  # test-side polling of an observable condition, bounded by the deadline
+
+
 def in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
     """Run ``fn`` on a daemon thread; the future carries its result or exception."""
     future: Future = Future()

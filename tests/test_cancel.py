@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
+from conftest import wait_until
 from tensordict import TensorDict
 
 import tq_loader as tq
@@ -18,20 +17,12 @@ def client():
     tq.close()
 
 
-def _wait_for(predicate, what: str, limit: float = 10.0) -> None:
-    deadline = time.monotonic() + limit
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
-
-
 def test_cancelled_get_meta_consumes_nothing(client):
     waiting = lambda: tq.statistics()["controller"]["waiting_requests"]  # noqa: E731
     future = client._thread().submit(client._core().async_get_meta(["x"], 4, "cancel", task_name="t"))
-    _wait_for(lambda: waiting() == 1, "the get_meta to park in the controller")
+    wait_until(lambda: waiting() == 1, "the get_meta to park in the controller")
     future.cancel()
-    _wait_for(lambda: waiting() == 0, "the controller to drop the cancelled request")
+    wait_until(lambda: waiting() == 0, "the controller to drop the cancelled request")
     client.put(TensorDict({"x": torch.arange(4)}, batch_size=[4]), partition_id="cancel")
     assert client.get_consumption_status("t", "cancel")[1].tolist() == [0, 0, 0, 0]
     meta = client.get_meta(["x"], 4, "cancel", task_name="t", timeout=5)

@@ -10,7 +10,7 @@ import asyncio
 import numpy as np
 import pytest
 import torch
-from conftest import in_thread, wait_for_waiters, waiting_requests
+from conftest import in_thread, wait_for_waiters, wait_until, waiting_requests
 from tensordict import NonTensorStack, TensorDict
 
 from tq_loader.errors import ClosedError, NotFoundError, SchemaError, TQError, TQTimeoutError
@@ -606,12 +606,6 @@ def test_closing_a_client_wakes_its_own_blocked_get_meta(client, pid):
     client.seal(pid)  # ends the request the controller still holds for the closed client
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TQTimeoutError,
-    reason="reported: Connection.close() sends no Cancel for requests in flight, so a get_meta parked "
-    "for a client that closed still consumes rows when they arrive (timeouts and cancels are fine)",
-)
 def test_rows_are_not_lost_to_a_waiter_whose_client_closed(client, pid):
     from tq_loader.client import Client
 
@@ -619,9 +613,10 @@ def test_rows_are_not_lost_to_a_waiter_whose_client_closed(client, pid):
     base = waiting_requests(client)
     waiter = in_thread(gone.get_meta, ["x"], 2, pid, task_name="t", timeout=60)
     wait_for_waiters(client, base + 1)
-    gone.close()
+    gone.close()  # sends a Cancel for the parked request before the socket goes
     with pytest.raises(ClosedError):
         waiter.result(timeout=30)
+    wait_until(lambda: waiting_requests(client) == base, "the controller to drop the closed client's wait")
     meta = _put_rows(client, pid, n=2)
     got = client.get_meta(["x"], 2, pid, task_name="t", timeout=1)
     assert _ids(got) == _ids(meta)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from tensordict import NonTensorStack, TensorDict
 
+from tq_loader.config import StorageConfig
 from tq_loader.errors import NotFoundError, SchemaError, TQConnectionError
 from tq_loader.metadata import BatchMeta, schema_of
 from tq_loader.schema import FieldSchema
@@ -23,6 +24,7 @@ from tq_loader.storage import (
     register_storage_manager,
     registered_storage_managers,
 )
+from tq_loader.storage.striping import DEFAULT_STRIPE_ROWS, unit_of
 from tq_loader.transport import Connection, Server
 
 
@@ -31,6 +33,7 @@ class Cluster:
     units: list[SimpleStorageUnit]
     servers: list[Server]
     conns: dict[str, Connection] = field(default_factory=dict)
+    stripe_rows: int = 2  # small blocks: the tests' small batches still spread over every unit
     notified: list[tuple[str, list[int], dict[str, FieldSchema], list[int]]] = field(default_factory=list)
 
     @property
@@ -44,12 +47,12 @@ class Cluster:
 
     async def notify(self, pid: str, ids: np.ndarray, schemas: dict[str, FieldSchema]) -> None:
         # rows not yet stored in their unit when notify runs = a broken "after every ack" guarantee
-        n = len(self.units)
-        missing = [int(i) for i in ids if self.units[int(i) % n].new_row_count(pid, [int(i)])]
+        units = unit_of(ids, len(self.units), self.stripe_rows)
+        missing = [int(i) for i, u in zip(ids, units, strict=True) if self.units[u].new_row_count(pid, [i])]
         self.notified.append((pid, ids.tolist(), dict(schemas), missing))
 
     def manager(self) -> SimpleStorageManager:
-        return SimpleStorageManager(self.addresses, self.connect, self.notify)
+        return SimpleStorageManager(self.addresses, self.connect, self.notify, stripe_rows=self.stripe_rows)
 
 
 @pytest.fixture
@@ -117,7 +120,8 @@ async def test_round_trip_mixed_rows_striped_and_reassembled(cluster: Cluster) -
     td.set("images", torch.nested.nested_tensor(data["images"]))
     manager = cluster.manager()
     await manager.put_data(td, meta_for(ids, data))
-    assert [u.rows for u in cluster.units] == [4, 4, 3]  # striped by global_index % 3
+    assert [u.rows for u in cluster.units] == [4, 4, 3]  # striped in blocks of 2 ids over 3 units
+    assert [u.rows for u in cluster.units] == np.bincount(unit_of(ids, 3, 2), minlength=3).tolist()
     order = np.random.default_rng(1).permutation(n)
     meta = meta_for([ids[i] for i in order], data)
     out = await manager.get_data(meta)
@@ -205,7 +209,7 @@ async def test_unreachable_unit_is_a_connection_error_naming_it(cluster: Cluster
     await dead.close()  # nothing listens there any more
     conn = Connection(address, connect_timeout=0.3)
     manager = SimpleStorageManager(
-        [cluster.addresses[0], address], lambda a: conn if a == address else cluster.connect(a)
+        [cluster.addresses[0], address], lambda a: conn if a == address else cluster.connect(a), stripe_rows=2
     )
     try:
         with pytest.raises(TQConnectionError, match=f"storage unit 1 \\({address}\\)"):
@@ -230,3 +234,61 @@ async def test_registry(cluster: Cluster) -> None:
     with pytest.raises(TypeError):
         register_storage_manager("bad", dict)  # type: ignore[arg-type]
     assert issubclass(Fake, StorageManager)
+
+
+# --------------------------------------------------------------------------- striping in blocks
+
+
+def test_unit_of_stripes_blocks_round_robin() -> None:
+    ids = np.arange(20)
+    assert unit_of(ids, 3, 4).tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [0] * 4 + [1] * 4
+    assert unit_of(ids, 3, 1).tolist() == (ids % 3).tolist()  # blocks of one row: plain modulo
+    assert unit_of(torch.tensor([130, 5]), 2).tolist() == [(130 // DEFAULT_STRIPE_ROWS) % 2, 0]
+    assert StorageConfig().stripe_rows == DEFAULT_STRIPE_ROWS  # the config's default is the rule's
+    for bad in (0, -3, 1.5, True):
+        with pytest.raises(ValueError, match="stripe_rows"):
+            unit_of(ids, 2, bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_units"):
+        unit_of(ids, 0, 4)
+
+
+async def test_stripe_rows_from_config_and_large_batches_round_trip(cluster: Cluster) -> None:
+    manager = SimpleStorageManager(
+        cluster.addresses, cluster.connect, cluster.notify, config={"storage": {"stripe_rows": 8}}
+    )
+    cluster.stripe_rows = 8
+    assert manager.stripe_rows == 8 and (await manager.statistics())["stripe_rows"] == 8
+    with pytest.raises(ValueError, match="stripe_rows"):
+        SimpleStorageManager(cluster.addresses, cluster.connect, config={"storage": {"stripe_rows": 0}})
+    g = torch.Generator().manual_seed(3)
+    n, ids = 300, np.arange(5, 305)  # starts mid-block: first and last runs are partial
+    lens = torch.randint(0, 50, (n,), generator=g)
+    data = {
+        "tokens": torch.nested.nested_tensor_from_jagged(
+            torch.randn(int(lens.sum()), generator=g),
+            torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]),
+        ),
+        "wide": torch.randn(n, 2, 300, generator=g),
+        "emb": torch.nested.as_nested_tensor(
+            [torch.randn(int(k), 3, generator=g) for k in lens], layout=torch.jagged
+        ),
+    }
+    await manager.put_data(data, meta_for(ids.tolist(), data))
+    assert [u.rows for u in cluster.units] == np.bincount(unit_of(ids, 3, 8), minlength=3).tolist()
+    assert cluster.notified[-1][3] == []  # every row was stored in its unit before the notify
+    for order in (np.arange(n), np.random.default_rng(0).permutation(n), np.arange(n)[::-1][:77]):
+        out = await manager.get_data(meta_for(ids[order].tolist(), data))
+        for name, value in data.items():
+            want = value[torch.from_numpy(order.copy())] if name == "wide" else [value[int(i)] for i in order]
+            got = out.get(name)
+            if name == "wide":
+                assert torch.equal(got, want)
+            else:
+                assert got.layout == torch.jagged and all(
+                    torch.equal(a, b) for a, b in zip(got.unbind(), want, strict=True)
+                )
+    # the caller's columns were sent as views where possible: they are unchanged and independent
+    out = await manager.get_data(meta_for(ids.tolist(), data), ["wide"])
+    out.get("wide").zero_()
+    assert not torch.equal(data["wide"], torch.zeros_like(data["wide"]))
+    await manager.close()

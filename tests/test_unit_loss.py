@@ -10,21 +10,26 @@ from tensordict import TensorDict
 
 import tq_loader as tq
 from tq_loader import api
+from tq_loader.storage.striping import unit_of
 
 
-@pytest.fixture
-def cluster():
-    tq.init({"storage": {"num_units": 2}, "client": {"connect_timeout": 1.0}})
+@pytest.fixture(params=[1, 4, None], ids=["stripe1", "stripe4", "default"])
+def cluster(request):
+    storage = {"num_units": 2} if request.param is None else {"num_units": 2, "stripe_rows": request.param}
+    tq.init({"storage": storage, "client": {"connect_timeout": 1.0}})
     yield api._current().cluster
     tq.close()
 
 
 def test_dead_unit_rows_reported_lost_never_served(cluster):
     client = tq.get_client()
-    client.put(TensorDict({"x": torch.arange(8.0)}, batch_size=[8]), partition_id="loss")
-    ids = client.get_meta(["x"], 8, "loss", mode="force_fetch").global_indexes
-    on_dead = ids[ids % 2 == 1]
-    meta = client.get_meta(["x"], 8, "loss", task_name="reader", timeout=5)
+    stripe = cluster.config.storage.stripe_rows
+    n = 3 * stripe  # the rows land on both units, striped in blocks of ``stripe`` ids
+    client.put(TensorDict({"x": torch.arange(float(n))}, batch_size=[n]), partition_id="loss")
+    ids = client.get_meta(["x"], n, "loss", mode="force_fetch").global_indexes
+    on_dead = ids[unit_of(ids, 2, stripe) == 1]
+    assert 0 < len(on_dead) < len(ids)
+    meta = client.get_meta(["x"], n, "loss", task_name="reader", timeout=5)
     cluster.units[1].stop()  # the unit's process part dies: its rows are gone
 
     with pytest.raises(tq.DataLostError, match="lost"):
@@ -33,13 +38,13 @@ def test_dead_unit_rows_reported_lost_never_served(cluster):
     assert stats["controller"]["lost_rows"] == len(on_dead)
     assert "1" in stats["controller"]["lost_units"]
     # The lost rows are gone from the controller; the others are still served by unit 0.
-    alive = client.get_meta(["x"], 8, "loss", mode="force_fetch")
-    assert set(alive.global_indexes.tolist()) == set(ids[ids % 2 == 0].tolist())
+    alive = client.get_meta(["x"], n, "loss", mode="force_fetch")
+    assert set(alive.global_indexes.tolist()) == set(ids[unit_of(ids, 2, stripe) == 0].tolist())
     data = client.get_data(alive)
     assert np.array_equal(data["x"].numpy(), alive.global_indexes.astype(np.float32) - ids[0])
     # A fresh reader gets only the surviving rows.
     client.seal("loss")
-    again = client.get_meta(["x"], 8, "loss", task_name="second", timeout=5, allow_partial=True)
+    again = client.get_meta(["x"], n, "loss", task_name="second", timeout=5, allow_partial=True)
     assert set(again.global_indexes.tolist()) == set(alive.global_indexes.tolist())
     assert client.get_data(again)["x"].shape == (len(alive),)
     # Clearing the partition works although one unit is dead.

@@ -7,7 +7,7 @@
 ``Writer``, ``seal``-aware streams and typed errors. See docs/compat.md.
 """
 
-from tq_loader.api import close, connect, get_client, get_config, init, statistics
+from tq_loader.api import close, connect, get_client, get_config, init, is_initialized, statistics
 from tq_loader.checkpoint import (
     async_load_checkpoint,
     async_save_checkpoint,
@@ -96,6 +96,7 @@ __all__ = [
     "get_client",
     "get_config",
     "init",
+    "is_initialized",
     "kv_batch_get",
     "kv_batch_get_by_meta",
     "kv_batch_put",

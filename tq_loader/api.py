@@ -25,7 +25,10 @@ from tq_loader.client import Client
 from tq_loader.cluster import Cluster, start_cluster
 from tq_loader.config import TQConfig, resolve_config
 
-__all__ = ["ENV_ADDRESS", "ENV_TOKEN", "close", "connect", "get_client", "get_config", "init", "statistics"]
+__all__ = [
+    "ENV_ADDRESS", "ENV_TOKEN", "close", "connect", "get_client", "get_config", "init", "is_initialized",
+    "owns_cluster", "statistics",
+]  # fmt: skip
 
 ENV_ADDRESS = "TQ_LOADER_ADDRESS"
 ENV_TOKEN = "TQ_LOADER_AUTH_TOKEN"
@@ -127,6 +130,17 @@ def close() -> None:
                     os.environ.pop(ENV_ADDRESS, None)
                     os.environ.pop(ENV_TOKEN, None)
                 current.cluster.stop()
+
+
+def is_initialized() -> bool:
+    """Whether this process is attached to (or owns) a cluster."""
+    return _current() is not None
+
+
+def owns_cluster() -> bool:
+    """Whether this process started the services it is attached to (``close()`` stops them)."""
+    current = _current()
+    return current is not None and current.cluster is not None
 
 
 def get_client() -> Client:

@@ -28,7 +28,7 @@ from tensordict import TensorDict
 from tq_loader import protocol as p
 from tq_loader.codec import batch_length
 from tq_loader.config import ClientConfig
-from tq_loader.errors import SchemaError, TQError
+from tq_loader.errors import ClosedError, SchemaError, TQError
 from tq_loader.loop import LoopThread
 from tq_loader.metadata import BatchMeta, schema_of
 from tq_loader.schema import FieldSchema
@@ -92,8 +92,10 @@ class AsyncClient:
     async def _notify_produced(self, pid: str, ids: np.ndarray, schemas: dict[str, FieldSchema]) -> None:
         await self._call(p.NotifyProduced(partition_id=pid, global_indexes=p.ids_to_wire(ids), schemas=schemas))
 
-    async def _unit_lost(self, unit: int, num_units: int, reason: str) -> int:
-        reply: p.StatsReply = await self._call(p.ReportLost(unit=unit, num_units=num_units, reason=reason))
+    async def _unit_lost(self, unit: int, num_units: int, reason: str, stripe_rows: int = 1) -> int:
+        reply: p.StatsReply = await self._call(
+            p.ReportLost(unit=unit, num_units=num_units, reason=reason, stripe_rows=stripe_rows)
+        )
         return int(reply.stats["lost_rows"])
 
     async def async_describe(self) -> p.ClusterInfo:
@@ -168,11 +170,17 @@ class AsyncClient:
         started = time.monotonic()
         n = batch_length(data)
         schemas = {name: schema_of(value) for name, value in data.items()}
+        if n == 0 and (metadata is None or metadata.size == 0):  # an empty batch is no error: no rows
+            if metadata is None and partition_id is not None:
+                await self._call(p.CreatePartition(partition_id=partition_id))
+                return BatchMeta.empty()
+            if metadata is not None:
+                return metadata.copy()
         if metadata is None:
             if partition_id is None:
                 raise ValueError("put() needs either metadata (rows to write) or partition_id (to insert rows)")
             reply: p.WriteReply = await self._call(
-                p.PrepareWrite(partition_id=partition_id, schemas=schemas, new_rows=n)
+                p.PrepareWrite(partition_id=partition_id, schemas=schemas, new_rows=n, insert=True)
             )
             ids = p.ids_from_wire(reply.global_indexes)
             metadata = BatchMeta(ids, np.full(n, partition_id, dtype=object))
@@ -353,6 +361,23 @@ def _as_tensordict(data: Mapping[str, Any], n: int) -> TensorDict:
     return to_tensordict(dict(data), n)
 
 
+async def _shutdown(core: AsyncClient, grace: float = 5.0) -> None:
+    """Close ``core``, then let the calls still running on its loop finish before the loop stops.
+
+    Closing fails their requests with ``ClosedError``, but the callers only see it once their tasks
+    have run to the end: stopping the loop first would leave those callers blocked forever.
+    """
+    await core.async_close()
+    current = asyncio.current_task()
+    others = [task for task in asyncio.all_tasks() if task is not current]
+    if others:
+        _, pending = await asyncio.wait(others, timeout=grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=grace)
+
+
 def _sync(name: str) -> Any:
     async_name = f"async_{name}"
 
@@ -386,9 +411,14 @@ class Client:
         self._pid = -1
         self._loop: LoopThread | None = None
         self._async: AsyncClient | None = None
+        self._closed = False
 
     def _thread(self) -> LoopThread:
         with self._lock:
+            if self._closed:  # fail fast: reconnecting to services that were stopped would hang
+                raise ClosedError(
+                    f"this client of {self.controller_address} is closed; use tq.get_client() or a new Client"
+                )
             if self._loop is None or self._pid != os.getpid():
                 self._pid = os.getpid()
                 self._loop = LoopThread("tq-client")
@@ -404,10 +434,12 @@ class Client:
         return self._thread().run(coro)
 
     def close(self) -> None:
+        """Release the sockets and the loop thread; later calls raise ``ClosedError``."""
         with self._lock:
+            self._closed = True
             loop, core, self._loop, self._async = self._loop, self._async, None, None
         if loop is not None and core is not None and loop.alive:
-            loop.run(core.async_close())
+            loop.run(_shutdown(core))
             loop.close()
 
     def __enter__(self) -> Client:

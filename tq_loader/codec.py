@@ -31,6 +31,7 @@ is silenced here for that reason. Writing into such a tensor writes into the fra
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -68,6 +69,12 @@ _MAX_BYTES = 1 << 62  # no column may describe more: keeps every size and stride
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     torch.frombuffer(b"\0", dtype=torch.uint8)
+# Columns whose rows vary in several dims come back as strided nested tensors; torch warns on every
+# construction that the layout is a prototype. The user did not choose it, so say it once, here.
+warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
+# Building a jagged tensor logs an internal torch.fx notice ("is_fx_tracing will return true ...")
+# that means nothing to a data-loading user.
+logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 
 class ColumnSpec(msgspec.Struct, frozen=True, array_like=True):

@@ -304,7 +304,7 @@ def run_pipeline(cfg: DictConfig | dict[str, Any]) -> int:
         print(f"demo: invalid sizes: {exc}", file=sys.stderr)
         return 2
     torch.set_num_threads(1)
-    owned = tq.api._current() is None  # close only what this run attached to or started
+    owned = not tq.is_initialized()  # close only what this run attached to or started
     ray_started = False
     try:
         if plan["placement"] == "ray" and owned and not os.environ.get(tq.api.ENV_ADDRESS):

@@ -7,8 +7,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from tq_loader.errors import NotFoundError, ProtocolError, SchemaError
-from tq_loader.metadata import (
+from tq_loader._meta_util import (
     _WIRE_VERSION,
     _check_plain,
     _chunk_slices,
@@ -16,6 +15,7 @@ from tq_loader.metadata import (
     _merge_extra_info,
     _values_equal,
 )
+from tq_loader.errors import NotFoundError, ProtocolError, SchemaError
 
 __all__ = ["KVBatchMeta"]
 

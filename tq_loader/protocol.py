@@ -80,12 +80,14 @@ class GetMeta(_Msg):
 
 
 class PrepareWrite(_Msg):
-    """Validate a put's schemas against the columns (and allocate ``new_rows`` rows if > 0)."""
+    """Validate a put's schemas against the columns; with ``insert``, allocate ``new_rows`` rows
+    (creating the partition), else check that ``global_indexes`` are live rows."""
 
     partition_id: str
     schemas: dict[str, FieldSchema]
     global_indexes: bytes = b""
     new_rows: int = 0
+    insert: bool = False
 
 
 class NotifyProduced(_Msg):
@@ -160,11 +162,13 @@ class Cancel(_Msg):
 
 
 class ReportLost(_Msg):
-    """A storage unit died: every live row striped to it (id % num_units == unit) is lost."""
+    """A storage unit died: every live row striped to it (``storage.striping.unit_of(id, num_units,
+    stripe_rows) == unit``) is lost."""
 
     unit: int
     num_units: int
     reason: str = ""
+    stripe_rows: int = 1
 
 
 class ExportState(_Msg):

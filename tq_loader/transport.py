@@ -51,6 +51,7 @@ from tq_loader.protocol import (
 __all__ = ["Connection", "Handler", "RequestContext", "Server", "is_loopback"]
 
 log = logging.getLogger(__name__)
+_CANCEL_LINGER_MS = 500
 Buffer = Any  # anything with the buffer protocol
 Handler = Callable[["RequestContext", Request, list[memoryview]], Awaitable[tuple[Reply, Sequence[Buffer]]]]
 
@@ -367,10 +368,16 @@ class Connection:
         return envelope.body, frames
 
     async def close(self) -> None:
+        """Close the socket; requests still waiting in the server are cancelled there first, so a
+        parked get_meta of a closed client never takes rows that nobody will receive."""
         self._closed = True
+        abandoned = list(self._pending)
         self._fail_all(ClosedError(f"connection to {self.address} was closed"))
         for task in self._tasks:
             task.cancel()
         if self._sock is not None:
-            self._sock.close(linger=0)
+            for request_id in abandoned:
+                self._cancel_remote(request_id)
+            # A short linger lets those Cancel messages leave before the socket goes away.
+            self._sock.close(linger=_CANCEL_LINGER_MS if abandoned else 0)
             self._sock = None

@@ -27,7 +27,7 @@ from tq_loader import protocol as p
 from tq_loader.config import ControllerConfig
 from tq_loader.controller.registry import ControllerState
 from tq_loader.controller.state import PartitionState
-from tq_loader.errors import ClosedError, NotFoundError, SchemaError, TQTimeoutError
+from tq_loader.errors import ClosedError, NotFoundError, ProtocolError, SchemaError, TQTimeoutError
 from tq_loader.metadata import BatchMeta
 from tq_loader.samplers import BaseSampler, SeqlenBalancedSampler, make_sampler
 from tq_loader.samplers.rounds import Round, RoundLedger
@@ -79,7 +79,9 @@ class ControllerService:
     async def handle(self, ctx: RequestContext, request: p.Request, buffers: list[memoryview]) -> Any:
         method = self._dispatch.get(type(request))
         if method is None:
-            raise NotFoundError(f"the controller does not serve {type(request).__name__}")
+            raise ProtocolError(
+                f"the controller does not serve {type(request).__name__}; send it to a storage unit"
+            )
         reply = method(ctx, request)
         if asyncio.iscoroutine(reply):
             reply = await reply
@@ -111,11 +113,9 @@ class ControllerService:
         return p.NamesReply(names=self.state.list())
 
     def _prepare_write(self, ctx: RequestContext, req: p.PrepareWrite) -> p.WriteReply:
-        part = (
-            self.state.get_or_create(req.partition_id) if req.new_rows else self.state.get(req.partition_id)
-        )
+        part = self.state.get_or_create(req.partition_id) if req.insert else self.state.get(req.partition_id)
         merged = part.check_schemas(req.schemas)
-        if req.new_rows:
+        if req.insert:
             ids = part.insert(req.new_rows)
         else:
             ids = p.ids_from_wire(req.global_indexes)
@@ -222,13 +222,16 @@ class ControllerService:
 
     def _report_lost(self, ctx: RequestContext, req: p.ReportLost) -> p.StatsReply:
         """Drop every live row of a dead unit: lost rows are reported, never served."""
+        from tq_loader.storage.striping import check_stripe_rows, unit_of  # the manager's own rule
+
         if not 0 <= req.unit < req.num_units:
             raise ValueError(f"unit {req.unit} is outside [0, {req.num_units})")
+        check_stripe_rows(req.stripe_rows)  # before anything is dropped
         lost = 0
         for pid in self.state.list():
             part = self.state.get(pid)
             ids, _, _ = part.production_status(None, [])
-            lost += len(part.clear(ids[ids % req.num_units == req.unit]))
+            lost += len(part.clear(ids[unit_of(ids, req.num_units, req.stripe_rows) == req.unit]))
             self._notify(pid)
         self._served["lost_rows"] += lost
         self.lost_units[req.unit] = req.reason or "unreachable"

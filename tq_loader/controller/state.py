@@ -30,6 +30,7 @@ from tq_loader.schema import FieldSchema
 __all__ = ["PartitionState", "RowIdAllocator"]
 
 _MIN_ROWS = 64
+MAX_INSERT_ROWS = 1 << 26  # one insert allocates its bookkeeping at once: refuse absurd sizes up front
 _MIN_FIELDS = 8
 _COMPACT_MIN_DEAD = 4096  # compact when dead slots >= max(this, live rows): amortised O(1) per cleared row
 _SHOW_IDS = 5  # how many offending ids an error message names
@@ -163,6 +164,11 @@ class PartitionState:
         self._check_open(f"insert {n} rows")
         if n < 0:
             raise SchemaError(f"cannot insert a negative number of rows ({n}) into {self.partition_id!r}")
+        if n > MAX_INSERT_ROWS:
+            raise SchemaError(
+                f"cannot insert {n} rows into {self.partition_id!r} in one call (at most {MAX_INSERT_ROWS}); "
+                "insert in smaller batches"
+            )
         start = self._alloc.allocate(n)
         new = np.arange(start, start + n, dtype=np.int64)
         if n == 0:

@@ -86,7 +86,7 @@ class StreamingDataset(IterableDataset):
         """The cluster client of this process (attaching lazily: safe after fork/spawn)."""
         from tq_loader import api
 
-        if self.config is not None and api._current() is None:
+        if self.config is not None and not api.is_initialized():
             api.init(self.config)
         return api.get_client()
 

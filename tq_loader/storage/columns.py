@@ -1,4 +1,4 @@
-"""Columns: vectorised row operations on decoded column values, and the storage unit's column stores.
+"""Columns: vectorised row operations on decoded column values (the stores are in ``stores.py``).
 
 A column value is one of (see :mod:`tq_loader.codec`): a dense tensor ``(B, ...)``; a jagged nested
 tensor (``layout=torch.jagged``, any ragged dimension); a "rows" value (a strided nested tensor, or
@@ -8,10 +8,7 @@ a list of tensors for dtypes strided nested tensors lack); or a Python list (obj
 :func:`assemble` scatters the parts that several units returned back into one column in request
 order. Both cost a handful of tensor/numpy calls per column, never a Python step per row -- except
 for "rows" columns (more than one ragged dimension), which have no flat representation to index.
-
-:class:`DenseColumn` / :class:`NestedColumn` / :class:`ObjectColumn` hold one field of one
-partition inside a storage unit, addressed by slot (see ``unit.py``): one preallocated tensor for
-fixed-shape fields, per-row views into one private chunk per put for nested ones, Python objects.
+Rows that lie next to each other move as slices (see :mod:`tq_loader.storage.segments`).
 
 The kind :func:`assemble` returns is decided by the column's schema, never by the rows selected:
 a nested schema gives a jagged nested tensor even when the chosen rows happen to share a shape.
@@ -19,7 +16,6 @@ a nested schema gives a jagged nested tensor even when the chosen rows happen to
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,11 +24,11 @@ import torch
 
 from tq_loader.errors import SchemaError
 from tq_loader.schema import FieldSchema
+from tq_loader.storage.segments import gather, ragged_range
 
 __all__ = [
-    "Column", "DenseColumn", "NestedColumn", "ObjectColumn", "assemble", "jagged_view", "kind_of",
-    "make_column", "make_rows", "num_rows", "object_array", "offsets_of", "ragged_range", "row_list",
-    "take_rows", "target_kind", "torch_dtype",
+    "assemble", "flat_rows", "index_copy", "index_tensor", "jagged_view", "kind_of", "make_rows", "num_rows",
+    "object_array", "offsets_of", "ragged_range", "row_list", "take_rows", "target_kind", "torch_dtype",
 ]  # fmt: skip
 
 
@@ -90,31 +86,15 @@ def num_rows(value: Any) -> int:
     return int(value.size(0)) if isinstance(value, torch.Tensor) else len(value)
 
 
-def ragged_range(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(s, s + l)`` for every (s, l), without a Python loop."""
-    starts = np.asarray(starts, dtype=np.int64)
-    lens = np.asarray(lens, dtype=np.int64)
-    total = int(lens.sum())
-    if total == 0:
-        return np.empty(0, dtype=np.int64)
-    out_starts = np.cumsum(lens) - lens
-    return np.repeat(starts - out_starts, lens) + np.arange(total, dtype=np.int64)
-
-
 def offsets_of(lens: np.ndarray) -> torch.Tensor:
     offsets = np.zeros(len(lens) + 1, dtype=np.int64)
     np.cumsum(lens, out=offsets[1:])
     return torch.from_numpy(offsets)
 
 
-def _index(positions: np.ndarray) -> torch.Tensor:
+def index_tensor(positions: np.ndarray) -> torch.Tensor:
+    """An ``int64`` index tensor (what ``index_copy_`` needs) of ``positions``."""
     return torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64))
-
-
-def _grow(n: int, cap: int, limit: int | None) -> int:
-    """New capacity >= n: doubling, never beyond ``limit`` (the unit's row capacity) unless n is."""
-    new = max(n, 2 * cap, 16)
-    return max(n, min(new, limit)) if limit is not None else new
 
 
 def jagged_view(nt: torch.Tensor) -> tuple[torch.Tensor, int, np.ndarray, np.ndarray]:
@@ -145,17 +125,19 @@ def make_rows(rows: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor | li
         return [r.clone() for r in rows]
 
 
-def take_rows(value: Any, positions: np.ndarray) -> Any:
-    """Rows ``positions`` of ``value`` (same kind; tensors are fresh copies)."""
-    positions = np.asarray(positions, dtype=np.int64)
+def take_rows(value: Any, positions: np.ndarray, *, copy: bool = True) -> Any:
+    """Rows ``positions`` of ``value`` (same kind). Tensors are fresh copies; with ``copy=False`` a
+    tensor may instead share memory with ``value`` (when the rows are one contiguous run)."""
+    positions = np.asarray(positions, dtype=np.int64).reshape(-1)
     kind = kind_of(value)
     if kind == "dense":
-        return value.index_select(0, _index(positions))
+        return gather([value], 0, None, positions, np.ones(positions.size, np.int64), copy=copy)
     if kind == "jagged":
         values, d, starts, lens = jagged_view(value)
         lens = lens[positions]
-        idx = ragged_range(starts[positions], lens)
-        picked = values.index_select(d, _index(idx))
+        picked = gather([values], d, None, starts[positions], lens, copy=copy)
+        if not picked.is_contiguous():  # a view across a non-leading ragged dim
+            picked = picked.contiguous()
         return torch.nested.nested_tensor_from_jagged(picked, offsets_of(lens), jagged_dim=d + 1)
     rows = row_list(value)
     picked = [rows[i] for i in positions.tolist()]
@@ -170,13 +152,12 @@ def take_rows(value: Any, positions: np.ndarray) -> Any:
 
 
 def _check_cover(parts: Sequence[tuple[np.ndarray, Any]], n: int, field: str) -> None:
-    seen = np.zeros(n, dtype=np.int64)
     for pos, value in parts:
         if len(pos) != num_rows(value):
             raise SchemaError(f"field {field!r}: a part has {num_rows(value)} rows for {len(pos)} positions")
         if len(pos) and (pos.min() < 0 or pos.max() >= n):
             raise SchemaError(f"field {field!r}: part positions outside range({n})")
-        np.add.at(seen, pos, 1)
+    seen = np.bincount(np.concatenate([pos for pos, _ in parts] or [np.empty(0, np.int64)]), minlength=n)
     if n and not (seen == 1).all():
         raise SchemaError(f"field {field!r}: parts do not cover each of the {n} rows exactly once")
 
@@ -201,12 +182,16 @@ def _assemble_dense(parts, n: int, schema: FieldSchema, dtype: torch.dtype, fiel
                 f"field {field!r}: a storage unit returned rows of shape {tuple(value.shape[1:])}, "
                 f"the column's schema says {shape}"
             )
-        index_copy(out, _index(pos), value)
+        index_copy(out, index_tensor(pos), value)
     return out
 
 
-def _ragged_parts(value: Any, d: int, field: str) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """(values, starts, lens) of one part with rows laid end to end along per-row dim ``d``."""
+def flat_rows(value: Any, d: int, field: str = "?") -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """(values, starts, lens): ``value``'s rows as segments of one tensor along per-row dim ``d``.
+
+    ``values`` shares memory with ``value`` for a jagged value ragged along ``d`` and (for ``d`` 0)
+    a dense one; otherwise it is a fresh copy (rows laid end to end).
+    """
     kind = kind_of(value)
     if kind == "jagged" and value._ragged_idx - 1 == d:
         values, _, starts, lens = jagged_view(value)
@@ -246,19 +231,17 @@ def _assemble_jagged(
         return torch.nested.nested_tensor_from_jagged(
             torch.empty(shape, dtype=dtype), torch.zeros(1, dtype=torch.int64), jagged_dim=d + 1
         )
-    chunks, src_start, lens, base = [], np.zeros(n, np.int64), np.zeros(n, np.int64), 0
-    for pos, value in parts:
-        values, starts, part_lens = _ragged_parts(value, d, field)
+    sources, src = [], np.zeros(n, np.int64)
+    src_start, lens = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    for j, (pos, value) in enumerate(parts):
+        values, starts, part_lens = flat_rows(value, d, field)
         _check_fixed_dims(tuple(values.shape), schema.shape, d, field)
-        chunks.append(values)
-        src_start[pos] = starts + base
-        lens[pos] = part_lens
-        base += values.size(d)
-    try:
-        values = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=d)
+        sources.append(values)
+        src[pos], src_start[pos], lens[pos] = j, starts, part_lens
+    try:  # runs of rows that lie together in a part move as slices: one copy, no element index
+        gathered = gather(sources, d, src, src_start, lens, copy=True)
     except RuntimeError as exc:
         raise SchemaError(f"field {field!r}: parts differ in a non-ragged dimension: {exc}") from None
-    gathered = values.index_select(d, _index(ragged_range(src_start, lens)))
     return torch.nested.nested_tensor_from_jagged(gathered, offsets_of(lens), jagged_dim=d + 1)
 
 
@@ -295,173 +278,3 @@ def assemble(
     for pos, value in parts:
         out[pos] = object_array(row_list(value))
     return make_rows(out.tolist(), dtype)
-
-
-# --------------------------------------------------------------------------- column stores
-
-
-class Column:
-    """Rows of one field of one partition, by slot; ``has[slot]``: whether the slot holds a value.
-
-    ``write(slots, value, copy_objects) -> tensor bytes stored``; ``read(slots, copy_objects)``
-    returns fresh values; ``rows`` (object array) is kept by the nested and object stores.
-    """
-
-    kind = ""
-    rows: np.ndarray | None = None
-
-    def __init__(self, schema: FieldSchema) -> None:
-        self.schema = schema
-        self.has = np.zeros(0, dtype=bool)
-
-    def present(self, slots: np.ndarray) -> np.ndarray:
-        inside = slots < self.has.size
-        out = np.zeros(slots.size, dtype=bool)
-        out[inside] = self.has[slots[inside]]
-        return out
-
-    def ensure(self, n: int, limit: int | None) -> None:
-        if n > self.has.size:
-            cap = _grow(n, self.has.size, limit)
-            self._resize(cap)
-            if self.rows is not None:
-                rows = np.empty(cap, dtype=object)
-                rows[: self.rows.size] = self.rows
-                self.rows = rows
-            has = np.zeros(cap, dtype=bool)
-            has[: self.has.size] = self.has
-            self.has = has
-
-    def _resize(self, cap: int) -> None:
-        """Grow this store's own arrays (``has`` and ``rows`` are grown by :meth:`ensure`)."""
-
-    def clear(self, slots: np.ndarray) -> None:
-        slots = slots[slots < self.has.size]
-        self.has[slots] = False
-        if self.rows is not None:
-            self.rows[slots] = None  # release the rows' memory
-
-    def write(self, slots: np.ndarray, value: Any, copy_objects: bool) -> int:
-        raise NotImplementedError
-
-    def read(self, slots: np.ndarray, copy_objects: bool) -> Any:
-        raise NotImplementedError
-
-    def nbytes(self) -> int | None:
-        return None  # Python objects have no meaningful flat size
-
-
-class DenseColumn(Column):
-    kind = "dense"
-
-    def __init__(self, schema: FieldSchema) -> None:
-        super().__init__(schema)
-        self.dtype = torch_dtype(schema.dtype)
-        self.data = torch.empty((0, *schema.shape), dtype=self.dtype)
-        self.row_bytes = int(np.prod(schema.shape, dtype=np.int64)) * self.dtype.itemsize
-
-    def _resize(self, cap: int) -> None:
-        data = torch.empty((cap, *self.schema.shape), dtype=self.dtype)
-        data[: self.data.size(0)].copy_(self.data)
-        self.data = data
-
-    def write(self, slots: np.ndarray, value: Any, copy_objects: bool) -> int:
-        if not isinstance(value, torch.Tensor):  # same-shape rows given as a list of tensors
-            value = torch.stack(list(value))
-        index_copy(self.data, _index(slots), value)
-        self.has[slots] = True
-        return slots.size * self.row_bytes
-
-    def read(self, slots: np.ndarray, copy_objects: bool) -> torch.Tensor:
-        return self.data.index_select(0, _index(slots))
-
-    def nbytes(self) -> int:
-        return int(self.has.sum()) * self.row_bytes
-
-
-def _private_rows(value: Any, ndim: int) -> tuple[Sequence[torch.Tensor], np.ndarray]:
-    """Copies of ``value``'s rows (views into one fresh chunk where possible) and their shapes."""
-    kind, b = kind_of(value), num_rows(value)
-    if kind == "dense":
-        chunk = value.clone(memory_format=torch.contiguous_format)
-        return chunk.unbind(0), np.tile(np.asarray(value.shape[1:], dtype=np.int64), (b, 1))
-    if kind == "jagged":
-        values, d, starts, lens = jagged_view(value)
-        chunk = values.index_select(d, _index(ragged_range(starts, lens)))
-        shapes = np.tile(np.asarray(values.shape, dtype=np.int64), (b, 1))
-        shapes[:, d] = lens
-        return chunk.split(lens.tolist(), dim=d), shapes
-    rows = [r.clone() for r in row_list(value)]  # "rows": more than one ragged dim, no flat layout
-    return rows, np.asarray([tuple(r.shape) for r in rows], dtype=np.int64).reshape(b, ndim)
-
-
-class NestedColumn(Column):
-    kind = "nested"
-
-    def __init__(self, schema: FieldSchema) -> None:
-        super().__init__(schema)
-        self.dtype = torch_dtype(schema.dtype)
-        self.rows = np.empty(0, dtype=object)
-        self.shapes = np.zeros((0, len(schema.shape)), dtype=np.int64)
-
-    @classmethod
-    def from_dense(cls, dense: DenseColumn, schema: FieldSchema) -> NestedColumn:
-        """The nested twin of a dense column (rows become views of its tensor)."""
-        col = cls(schema)
-        cap = dense.has.size
-        col.has = dense.has.copy()
-        col.rows = object_array(dense.data.unbind(0)) if cap else np.empty(0, dtype=object)
-        col.rows[~col.has] = None
-        col.shapes = np.tile(np.asarray(dense.schema.shape, dtype=np.int64), (cap, 1))
-        return col
-
-    def _resize(self, cap: int) -> None:
-        shapes = np.zeros((cap, self.shapes.shape[1]), dtype=np.int64)
-        shapes[: self.shapes.shape[0]] = self.shapes
-        self.shapes = shapes
-
-    def write(self, slots: np.ndarray, value: Any, copy_objects: bool) -> int:
-        rows, shapes = _private_rows(value, self.shapes.shape[1])
-        self.rows[slots] = object_array(rows)  # type: ignore[index]
-        self.shapes[slots] = shapes
-        self.has[slots] = True
-        return int(shapes.prod(axis=1).sum()) * self.dtype.itemsize
-
-    def read(self, slots: np.ndarray, copy_objects: bool) -> Any:
-        kind, d = target_kind(self.schema)
-        picked = self.rows[slots].tolist()  # type: ignore[index]
-        if kind != "jagged":
-            return make_rows(picked, self.dtype)
-        if picked:
-            values = torch.cat(picked, dim=d)  # a fresh copy
-        else:
-            values = torch.empty([max(s, 0) for s in self.schema.shape], dtype=self.dtype)
-        lens = self.shapes[slots, d]
-        return torch.nested.nested_tensor_from_jagged(values, offsets_of(lens), jagged_dim=d + 1)
-
-    def nbytes(self) -> int:
-        return int(self.shapes[self.has].prod(axis=1).sum()) * self.dtype.itemsize
-
-
-class ObjectColumn(Column):
-    kind = "object"
-
-    def __init__(self, schema: FieldSchema) -> None:
-        super().__init__(schema)
-        self.rows = np.empty(0, dtype=object)
-
-    def write(self, slots: np.ndarray, value: Any, copy_objects: bool) -> int:
-        values = list(value)
-        self.rows[slots] = object_array(copy.deepcopy(values) if copy_objects else values)
-        self.has[slots] = True
-        return 0
-
-    def read(self, slots: np.ndarray, copy_objects: bool) -> list[Any]:
-        values = self.rows[slots].tolist()
-        return copy.deepcopy(values) if copy_objects else values
-
-
-def make_column(schema: FieldSchema) -> Column:
-    if schema.is_non_tensor:
-        return ObjectColumn(schema)
-    return DenseColumn(schema) if target_kind(schema)[0] == "dense" else NestedColumn(schema)

@@ -4,10 +4,13 @@
 built-in ZMQ storage units. Other backends (mooncake, yuanrong, ray_rdt) plug in through
 :func:`register_storage_manager` and are built by name with :func:`make_storage_manager`.
 
-Rows are striped over the N units by ``global_index % N``. A put sends each unit its rows in one
-message, to all units at once, and calls ``notify`` (which tells the controller) only after every
-involved unit acknowledged: that is what makes the rows visible to consumers. A get asks all
-involved units at once and reassembles the columns in the metadata's row order.
+Rows are striped over the N units in blocks of ``storage.stripe_rows`` consecutive global indexes
+(:func:`~tq_loader.storage.striping.unit_of`), so a batch of consecutive ids reaches each unit as a
+few contiguous runs, which move as slices rather than row by row (a unit whose rows are one run is
+sent a view of the caller's columns, no copy). A put sends each unit its rows in one message, to
+all units at once, and calls ``notify`` (which tells the controller) only after every involved
+unit acknowledged: that is what makes the rows visible to consumers. A get asks all involved units
+at once and reassembles the columns in the metadata's row order.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from tq_loader.errors import ClosedError, DataLostError, NotFoundError, SchemaEr
 from tq_loader.metadata import BatchMeta, normalize_schema, schema_of
 from tq_loader.schema import FieldSchema
 from tq_loader.storage.columns import assemble, take_rows
+from tq_loader.storage.striping import DEFAULT_STRIPE_ROWS, check_stripe_rows, unit_of
 from tq_loader.transport import Connection
 
 __all__ = [
@@ -38,7 +42,8 @@ __all__ = [
 ]
 
 Notify = Callable[[str, np.ndarray, dict[str, FieldSchema]], Awaitable[None]]
-UnitLost = Callable[[int, int, str], Awaitable[int]]  # (unit, num_units, reason) -> rows reported lost
+# (unit, num_units, reason, stripe_rows) -> rows reported lost
+UnitLost = Callable[[int, int, str, int], Awaitable[int]]
 
 
 class StorageManager(ABC):
@@ -77,12 +82,12 @@ class StorageManager(ABC):
 # --------------------------------------------------------------------------- simple backend
 
 
-def _groups(meta: BatchMeta, n_units: int) -> list[tuple[str, int, np.ndarray]]:
-    """(partition, unit, positions in meta) for every (partition, unit) pair that has rows."""
+def _groups(meta: BatchMeta, n_units: int, stripe_rows: int) -> list[tuple[str, int, np.ndarray]]:
+    """(partition, unit, positions in meta, ascending) for every (partition, unit) pair that has rows."""
     if meta.size == 0:
         return []
     names, inv = np.unique(np.asarray(meta.partition_ids, dtype=str), return_inverse=True)
-    key = inv.reshape(-1).astype(np.int64) * n_units + np.mod(meta.global_indexes, n_units)
+    key = inv.reshape(-1).astype(np.int64) * n_units + unit_of(meta.global_indexes, n_units, stripe_rows)
     order = np.argsort(key, kind="stable")
     chunks = np.split(order, np.flatnonzero(np.diff(key[order])) + 1)
     return [(str(names[key[c[0]] // n_units]), int(key[c[0]] % n_units), c) for c in chunks]
@@ -117,12 +122,14 @@ def _items(data: Any) -> list[tuple[str, Any]]:
 
 
 class SimpleStorageManager(StorageManager):
-    """Stripes rows over the built-in storage units (``global_index % len(unit_addresses)``).
+    """Stripes rows over the built-in storage units (``unit_of(global_index, len(unit_addresses),
+    stripe_rows)``).
 
     ``connect(address)`` returns the :class:`~tq_loader.transport.Connection` to use for a unit;
     its owner (usually the client) closes it -- :meth:`close` does not. ``notify(pid, ids, schemas)``
     is awaited once per partition after all units acknowledged a put. ``config``: the cluster's
-    config dict (``client.request_timeout`` and ``storage.put_timeout`` are read from it).
+    config dict (``client.request_timeout``, ``storage.put_timeout`` and ``storage.stripe_rows`` are
+    read from it; every client of a cluster must stripe alike, so take it from there).
     """
 
     def __init__(
@@ -134,6 +141,7 @@ class SimpleStorageManager(StorageManager):
         on_unit_lost: UnitLost | None = None,
         request_timeout: float | None = 120.0,
         put_timeout: float | None = None,
+        stripe_rows: int | None = None,
         config: Mapping[str, Any] | None = None,
     ) -> None:
         if not unit_addresses:
@@ -141,11 +149,13 @@ class SimpleStorageManager(StorageManager):
                 "the cluster has no storage units; start at least one (storage.num_units)"
             )
         config = config or {}
+        storage = config.get("storage") or {}
         self.addresses = list(unit_addresses)
         self.request_timeout = (config.get("client") or {}).get("request_timeout", request_timeout)
-        self.put_timeout = (
-            put_timeout if put_timeout is not None else (config.get("storage") or {}).get("put_timeout")
-        )
+        self.put_timeout = put_timeout if put_timeout is not None else storage.get("put_timeout")
+        if stripe_rows is None:
+            stripe_rows = storage.get("stripe_rows", DEFAULT_STRIPE_ROWS)
+        self.stripe_rows = check_stripe_rows(stripe_rows)
         self._connect = connect
         self._notify = notify
         self._on_unit_lost = on_unit_lost
@@ -171,7 +181,7 @@ class SimpleStorageManager(StorageManager):
                 raise type(exc)(f"storage unit {unit} ({address}): {exc}") from exc
             # A unit we reached before is gone: its rows are lost. The controller drops them so
             # they are never served again; the other units keep working.
-            lost = await self._on_unit_lost(unit, len(self.addresses), str(exc))
+            lost = await self._on_unit_lost(unit, len(self.addresses), str(exc), self.stripe_rows)
             raise DataLostError(
                 f"storage unit {unit} ({address}) is unreachable ({exc}); its rows are lost -- {lost} row(s) "
                 "were removed from the controller and will not be served again. Re-produce them if needed"
@@ -215,11 +225,17 @@ class SimpleStorageManager(StorageManager):
             name: normalize_schema(given[name], name) if name in given else schema_of(value, name)
             for name, value in columns.items()
         }
-        groups = _groups(meta, len(self.addresses))
+        groups = _groups(meta, len(self.addresses), self.stripe_rows)
         sends = []
         for pid, unit, pos in groups:
             whole = len(groups) == 1  # one unit takes the batch as is: no row copies
-            part = columns if whole else {name: take_rows(value, pos) for name, value in columns.items()}
+            # A part is only encoded and sent while the caller's columns are alive: a unit's rows
+            # that form one contiguous run go as a view of them (copy=False), others are gathered.
+            part = (
+                columns
+                if whole
+                else {name: take_rows(value, pos, copy=False) for name, value in columns.items()}
+            )
             specs, buffers = encode_columns(part)
             body = p.PutRows(
                 partition_id=pid,
@@ -244,7 +260,7 @@ class SimpleStorageManager(StorageManager):
         known = meta.field_schema
         fields = list(known) if fields is None else list(fields)
         n = meta.size
-        groups = _groups(meta, len(self.addresses)) if fields else []
+        groups = _groups(meta, len(self.addresses), self.stripe_rows) if fields else []
         replies = await self._gather(
             [
                 self._request(
@@ -284,7 +300,7 @@ class SimpleStorageManager(StorageManager):
                 self._request(
                     unit, p.DropRows(partition_id=pid, global_indexes=p.ids_to_wire(meta.global_indexes[pos]))
                 )
-                for pid, unit, pos in _groups(meta, len(self.addresses))
+                for pid, unit, pos in _groups(meta, len(self.addresses), self.stripe_rows)
             ],
             lost_ok=True,
         )
@@ -292,7 +308,10 @@ class SimpleStorageManager(StorageManager):
     async def clear_partition(self, partition_id: str) -> None:
         self._check_open()
         await self._gather(
-            [self._request(u, p.DropPartition(partition_id=partition_id)) for u in range(len(self.addresses))],
+            [
+                self._request(u, p.DropPartition(partition_id=partition_id))
+                for u in range(len(self.addresses))
+            ],
             lost_ok=True,
         )
 
@@ -320,7 +339,13 @@ class SimpleStorageManager(StorageManager):
             else:
                 units[address] = result[0].stats
         rows = sum(u.get("rows", 0) for u in units.values())
-        return {"backend": "simple", "num_units": len(self.addresses), "rows": rows, "units": units}
+        return {
+            "backend": "simple",
+            "num_units": len(self.addresses),
+            "stripe_rows": self.stripe_rows,
+            "rows": rows,
+            "units": units,
+        }
 
     async def close(self) -> None:
         self._closed = True

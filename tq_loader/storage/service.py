@@ -107,7 +107,8 @@ class StorageUnitService:
 
     async def _get(self, ctx: RequestContext, req: p.GetRows, buffers: list[memoryview]) -> tuple[Any, list]:
         ids = p.ids_from_wire(req.global_indexes)
-        columns = self.unit.get(req.partition_id, ids, req.fields, copy_objects=False)
+        # views of the unit's write-once nested chunks: the reply's frames are sent without a copy
+        columns = self.unit.get(req.partition_id, ids, req.fields, copy_objects=False, copy=False)
         specs, bufs = encode_columns(columns)
         return p.RowsReply(global_indexes=req.global_indexes, columns=specs), bufs
 

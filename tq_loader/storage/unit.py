@@ -5,8 +5,8 @@ Rows are keyed by (partition, global index). Each partition maps ids to *slots* 
 
 * fixed-shape tensor fields: ONE preallocated ``(capacity, *row_shape)`` tensor, grown
   geometrically; a put is one ``index_copy_``, a get one ``index_select``;
-* nested (jagged / ragged) fields: per-row tensors, each a view into one private chunk copied
-  per put (one clone + one split per put, one ``cat`` per get);
+* nested (jagged / ragged) fields: the rows of a put copied into one private chunk (one copy per
+  put); a get slices runs of rows out of the chunks (see ``stores.py``);
 * non-tensor fields: an object array of Python values.
 
 Freed slots go to a free list and are reused, so a stream of put/drop keeps memory flat (and
@@ -27,7 +27,8 @@ import torch
 from tq_loader.errors import CapacityError, NotFoundError, SchemaError
 from tq_loader.metadata import schema_of
 from tq_loader.schema import FieldSchema
-from tq_loader.storage.columns import Column, NestedColumn, make_column, num_rows, target_kind, torch_dtype
+from tq_loader.storage.columns import num_rows, target_kind, torch_dtype
+from tq_loader.storage.stores import Column, NestedColumn, make_column
 
 __all__ = ["SimpleStorageUnit"]
 
@@ -248,10 +249,19 @@ class SimpleStorageUnit:
 
     # ------------------------------------------------------------ get
     def get(
-        self, partition_id: str, ids: Any, fields: Iterable[str], *, copy_objects: bool = True
+        self,
+        partition_id: str,
+        ids: Any,
+        fields: Iterable[str],
+        *,
+        copy_objects: bool = True,
+        copy: bool = True,
     ) -> dict[str, Any]:
         """Field -> column value of rows ``ids`` in that order (fresh tensors; objects deep-copied
-        unless ``copy_objects=False``). ``NotFoundError`` names the partition, field and rows missing."""
+        unless ``copy_objects=False``). ``NotFoundError`` names the partition, field and rows missing.
+
+        ``copy=False``: nested columns may return views of the unit's chunks, which it never writes
+        again (for a reply that is encoded and sent at once; never write to them)."""
         ids = _ids(ids)
         self._requests["get"] += 1
         part, slots = self._slots(partition_id, ids)
@@ -264,7 +274,7 @@ class SimpleStorageUnit:
                     f"partition {partition_id!r}, field {name!r}: rows {_first(ids[~present])} have no "
                     "value for it; write the field for these rows first"
                 )
-            out[name] = col.read(slots, copy_objects)
+            out[name] = col.read(slots, copy_objects, copy)
             self._bytes["out"] += _tensor_bytes(out[name])
         return out
 
