@@ -24,7 +24,7 @@ from tq_loader.storage import (
     register_storage_manager,
     registered_storage_managers,
 )
-from tq_loader.storage.striping import DEFAULT_STRIPE_ROWS, unit_of
+from tq_loader.striping import DEFAULT_STRIPE_ROWS, unit_of
 from tq_loader.transport import Connection, Server
 
 

@@ -10,13 +10,12 @@ from tensordict import TensorDict
 
 import tq_loader as tq
 from tq_loader import api
-from tq_loader.storage.striping import unit_of
+from tq_loader.striping import unit_of
 
-
-@pytest.fixture(params=[1, 4, None], ids=["stripe1", "stripe4", "default"])
+@pytest.fixture(params=[1, 4], ids=["modulo", "stripe4"])
 def cluster(request):
-    storage = {"num_units": 2} if request.param is None else {"num_units": 2, "stripe_rows": request.param}
-    tq.init({"storage": storage, "client": {"connect_timeout": 1.0}})
+    # Blocks of 4 ids are neither the default nor plain modulo: the controller must use the same rule.
+    tq.init({"storage": {"num_units": 2, "stripe_rows": request.param}, "client": {"connect_timeout": 1.0}})
     yield api._current().cluster
     tq.close()
 

@@ -50,7 +50,7 @@ class StorageConfig:
     put_timeout: float = 30.0  # how long a put waits for space in a full unit before CapacityError
     # rows go to unit (global_index // stripe_rows) % num_units: blocks keep a batch in few contiguous
     # runs per unit (moved as slices, not gathered row by row). = storage.striping.DEFAULT_STRIPE_ROWS
-    stripe_rows: int = 8
+    stripe_rows: int = 64
     ports: list[int] = field(default_factory=list)  # fixed ports for units (empty: ephemeral)
 
 

@@ -344,10 +344,17 @@ class Connection:
         header = encode(RequestEnvelope(request_id, body, timeout, self._token))
         started = time.monotonic()
         try:
-            await sock.send_multipart([header, *buffers], copy=False)
-        except zmq.Again:
-            self._pending.pop(request_id, None)
-            raise TQConnectionError(f"{self.address} is not connected; is the service running?") from None
+            # With IMMEDIATE, a send to a peer that vanished after the check above waits for a
+            # reconnect that may never come: bound it like a connect.
+            await asyncio.wait_for(sock.send_multipart([header, *buffers], copy=False), self.connect_timeout)
+        except (TimeoutError, zmq.Again):
+            lost = self._pending.pop(request_id, None)
+            if lost is not None and lost.done() and not lost.cancelled():
+                lost.exception()  # read it: the disconnect may have failed it already
+            raise TQConnectionError(
+                f"{self.address} did not accept the request within {self.connect_timeout:.0f}s; "
+                "is the service running?"
+            ) from None
         wait = None if timeout is None else timeout + self.grace
         try:
             envelope, frames = await asyncio.wait_for(future, wait)

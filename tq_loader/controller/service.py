@@ -222,7 +222,7 @@ class ControllerService:
 
     def _report_lost(self, ctx: RequestContext, req: p.ReportLost) -> p.StatsReply:
         """Drop every live row of a dead unit: lost rows are reported, never served."""
-        from tq_loader.storage.striping import check_stripe_rows, unit_of  # the manager's own rule
+        from tq_loader.striping import check_stripe_rows, unit_of  # the manager's own rule
 
         if not 0 <= req.unit < req.num_units:
             raise ValueError(f"unit {req.unit} is outside [0, {req.num_units})")

@@ -131,7 +131,10 @@ def take_rows(value: Any, positions: np.ndarray, *, copy: bool = True) -> Any:
     positions = np.asarray(positions, dtype=np.int64).reshape(-1)
     kind = kind_of(value)
     if kind == "dense":
-        return gather([value], 0, None, positions, np.ones(positions.size, np.int64), copy=copy)
+        if positions.size and (np.diff(positions) == 1).all():  # one run of rows: a slice
+            run = value.narrow(0, int(positions[0]), positions.size)
+            return run.clone(memory_format=torch.contiguous_format) if copy else run
+        return value.index_select(0, index_tensor(positions))  # an index per row, not per element
     if kind == "jagged":
         values, d, starts, lens = jagged_view(value)
         lens = lens[positions]

@@ -5,7 +5,7 @@ built-in ZMQ storage units. Other backends (mooncake, yuanrong, ray_rdt) plug in
 :func:`register_storage_manager` and are built by name with :func:`make_storage_manager`.
 
 Rows are striped over the N units in blocks of ``storage.stripe_rows`` consecutive global indexes
-(:func:`~tq_loader.storage.striping.unit_of`), so a batch of consecutive ids reaches each unit as a
+(:func:`~tq_loader.striping.unit_of`), so a batch of consecutive ids reaches each unit as a
 few contiguous runs, which move as slices rather than row by row (a unit whose rows are one run is
 sent a view of the caller's columns, no copy). A put sends each unit its rows in one message, to
 all units at once, and calls ``notify`` (which tells the controller) only after every involved
@@ -30,7 +30,7 @@ from tq_loader.errors import ClosedError, DataLostError, NotFoundError, SchemaEr
 from tq_loader.metadata import BatchMeta, normalize_schema, schema_of
 from tq_loader.schema import FieldSchema
 from tq_loader.storage.columns import assemble, take_rows
-from tq_loader.storage.striping import DEFAULT_STRIPE_ROWS, check_stripe_rows, unit_of
+from tq_loader.striping import DEFAULT_STRIPE_ROWS, check_stripe_rows, unit_of
 from tq_loader.transport import Connection
 
 __all__ = [

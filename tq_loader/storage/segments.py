@@ -1,9 +1,10 @@
 """Gathering runs of rows: slices and one ``cat`` where the runs are long, an index where they are not.
 
-Every hop of the data path picks rows out of a flat buffer: the manager splitting a batch over
-units, a unit copying a put into its own memory, a client reassembling the parts of a get. A row
-is a *segment* ``[start, start + length)`` along one dim of a source tensor (a jagged column's
-values; a dense column, whose rows are segments of length 1 along dim 0).
+Every hop of the data path picks jagged rows out of flat buffers: the manager splitting a batch
+over units, a unit copying a put into its own memory or answering a get from it, a client
+reassembling the parts of a get. A row is a *segment* ``[start, start + length)`` along the ragged
+dim of a source tensor (a jagged column's values). (Dense rows need no element index: they are
+picked with one index entry per row.)
 
 :func:`gather` first merges segments that follow each other in the same source (a batch of
 consecutive ids striped in blocks is a few long runs), then

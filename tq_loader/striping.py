@@ -16,7 +16,7 @@ import numpy as np
 
 __all__ = ["DEFAULT_STRIPE_ROWS", "check_stripe_rows", "unit_of"]
 
-DEFAULT_STRIPE_ROWS = 8  # = StorageConfig.stripe_rows
+DEFAULT_STRIPE_ROWS = 64  # = StorageConfig.stripe_rows
 
 
 def check_stripe_rows(stripe_rows: Any) -> int:
