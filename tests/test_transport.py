@@ -86,7 +86,9 @@ async def test_replies_out_of_order_on_one_socket(served):
 
 async def test_many_in_flight(served):
     _, _, conn = served
-    replies = await asyncio.gather(*(conn.request(p.CreatePartition(partition_id=str(i))) for i in range(200)))
+    replies = await asyncio.gather(
+        *(conn.request(p.CreatePartition(partition_id=str(i))) for i in range(200))
+    )
     assert [r.names[0] for r, _ in replies] == [str(i) for i in range(200)]
 
 
@@ -119,13 +121,18 @@ async def test_garbage_frames_do_not_kill_the_server(served):
     raw.setsockopt(zmq.LINGER, 0)
     raw.connect(server.address)
     try:
-        for junk in ([b"\xff\x00garbage"], [b""], [p.encode(p.RequestEnvelope(1, p.Stats()))[:-3]], [b"\x93\x01"]):
+        for junk in (
+            [b"\xff\x00garbage"],
+            [b""],
+            [p.encode(p.RequestEnvelope(1, p.Stats()))[:-3]],
+            [b"\x93\x01"],
+        ):
             await raw.send_multipart(junk)
             (header,) = await raw.recv_multipart()
             envelope = p.decode_reply(header)
             assert envelope.error_kind == "ProtocolError"
         # an unknown message tag is malformed too
-        await raw.send_multipart([b'\x93\x07\x81\xa4type\xa7Unknown\xc0'])
+        await raw.send_multipart([b"\x93\x07\x81\xa4type\xa7Unknown\xc0"])
         (header,) = await raw.recv_multipart()
         assert p.decode_reply(header).error_kind == "ProtocolError"
     finally:

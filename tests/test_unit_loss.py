@@ -12,6 +12,7 @@ import tq_loader as tq
 from tq_loader import api
 from tq_loader.striping import unit_of
 
+
 @pytest.fixture(params=[1, 4], ids=["modulo", "stripe4"])
 def cluster(request):
     # Blocks of 4 ids are neither the default nor plain modulo: the controller must use the same rule.

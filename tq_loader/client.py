@@ -90,7 +90,9 @@ class AsyncClient:
         return self._storage
 
     async def _notify_produced(self, pid: str, ids: np.ndarray, schemas: dict[str, FieldSchema]) -> None:
-        await self._call(p.NotifyProduced(partition_id=pid, global_indexes=p.ids_to_wire(ids), schemas=schemas))
+        await self._call(
+            p.NotifyProduced(partition_id=pid, global_indexes=p.ids_to_wire(ids), schemas=schemas)
+        )
 
     async def _unit_lost(self, unit: int, num_units: int, reason: str, stripe_rows: int = 1) -> int:
         reply: p.StatsReply = await self._call(
@@ -178,7 +180,9 @@ class AsyncClient:
                 return metadata.copy()
         if metadata is None:
             if partition_id is None:
-                raise ValueError("put() needs either metadata (rows to write) or partition_id (to insert rows)")
+                raise ValueError(
+                    "put() needs either metadata (rows to write) or partition_id (to insert rows)"
+                )
             reply: p.WriteReply = await self._call(
                 p.PrepareWrite(partition_id=partition_id, schemas=schemas, new_rows=n, insert=True)
             )
@@ -197,10 +201,14 @@ class AsyncClient:
                 )
             pids = np.unique(np.asarray(metadata.partition_ids, dtype=object).astype(str))
             if len(pids) != 1:
-                raise ValueError(f"put() of one batch into several partitions {list(pids)}: chunk_by_partition first")
+                raise ValueError(
+                    f"put() of one batch into several partitions {list(pids)}: chunk_by_partition first"
+                )
             pid = str(pids[0]) if partition_id is None else partition_id
             reply = await self._call(
-                p.PrepareWrite(partition_id=pid, schemas=schemas, global_indexes=p.ids_to_wire(metadata.global_indexes))
+                p.PrepareWrite(
+                    partition_id=pid, schemas=schemas, global_indexes=p.ids_to_wire(metadata.global_indexes)
+                )
             )
             await self._write(pid, data, metadata, reply.schemas)
         metadata = metadata.copy()
@@ -224,7 +232,9 @@ class AsyncClient:
         storage = await self.storage()
         await storage.put_data(data, meta, schemas)
 
-    async def async_get_data(self, metadata: BatchMeta, device: str | torch.device | None = None) -> TensorDict:
+    async def async_get_data(
+        self, metadata: BatchMeta, device: str | torch.device | None = None
+    ) -> TensorDict:
         """The columns named by ``metadata`` for its rows, in its row order."""
         started = time.monotonic()
         storage = await self.storage()
@@ -259,7 +269,9 @@ class AsyncClient:
         matrix = np.frombuffer(reply.matrix, dtype=bool).reshape(len(ids), len(reply.fields))
         return torch.from_numpy(ids), torch.from_numpy(matrix.astype(np.int8))
 
-    async def async_check_production_status(self, data_fields: Sequence[str] | str, partition_id: str) -> bool:
+    async def async_check_production_status(
+        self, data_fields: Sequence[str] | str, partition_id: str
+    ) -> bool:
         """True when every live row of the partition has all ``data_fields``."""
         ids, status = await self.async_get_production_status(data_fields, partition_id)
         return bool(len(ids) > 0 and status.all())
@@ -268,7 +280,9 @@ class AsyncClient:
         self, task_name: str, partition_id: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(global_indexes, consumed)`` for every live row of the partition."""
-        reply: p.StatusReply = await self._call(p.ConsumptionStatus(partition_id=partition_id, task_name=task_name))
+        reply: p.StatusReply = await self._call(
+            p.ConsumptionStatus(partition_id=partition_id, task_name=task_name)
+        )
         ids = p.ids_from_wire(reply.global_indexes)
         consumed = np.frombuffer(reply.matrix, dtype=bool).astype(np.int8)
         return torch.from_numpy(ids), torch.from_numpy(consumed)
@@ -422,7 +436,9 @@ class Client:
             if self._loop is None or self._pid != os.getpid():
                 self._pid = os.getpid()
                 self._loop = LoopThread("tq-client")
-                self._async = AsyncClient(self.controller_address, config=self._config, auth_token=self._token)
+                self._async = AsyncClient(
+                    self.controller_address, config=self._config, auth_token=self._token
+                )
             return self._loop
 
     def _core(self) -> AsyncClient:
