@@ -66,6 +66,16 @@ def stop_cluster() -> None:
     os.environ.pop(ADDRESS_ENV, None)
 
 
+@pytest.fixture(scope="module")
+def local_client() -> Iterator[Any]:
+    """One embedded cluster for a test module (tq.init sets TQ_LOADER_ADDRESS for child processes)."""
+    handle = start_cluster("local")
+    try:
+        yield handle.client
+    finally:
+        stop_cluster()
+
+
 @pytest.fixture(scope="module", params=["local", pytest.param("ray", marks=pytest.mark.ray)])
 def cluster(request: pytest.FixtureRequest) -> Iterator[ClusterHandle]:
     """This module's cluster; a module may set ``NUM_UNITS = {"ray": 1}`` to start fewer actors."""

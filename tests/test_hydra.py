@@ -7,13 +7,12 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import RAY_ENV, start_cluster, stop_cluster
+from conftest import RAY_ENV
 from hydra.core.config_store import ConfigStore
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
@@ -31,12 +30,8 @@ SMALL = ["demo.prompts=16", "loader.batch_size=8", "loader.micro_batch_size=4", 
 
 
 @pytest.fixture(scope="module")
-def client() -> Iterator[Any]:
-    handle = start_cluster("local")
-    try:
-        yield handle.client
-    finally:
-        stop_cluster()
+def client(local_client: Any) -> Any:
+    return local_client
 
 
 def test_defaults_compose_the_structured_tree() -> None:

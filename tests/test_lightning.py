@@ -12,14 +12,12 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
-from conftest import start_cluster, stop_cluster
 from tensordict import TensorDict
 
 lightning = pytest.importorskip("lightning")
@@ -31,13 +29,9 @@ FEATURES = 4
 
 
 @pytest.fixture(scope="module")
-def client() -> Iterator[Any]:
+def client(local_client: Any) -> Any:
     torch.set_num_threads(1)
-    handle = start_cluster("local")
-    try:
-        yield handle.client
-    finally:
-        stop_cluster()
+    return local_client
 
 
 def put_rows(client: Any, pid: str, n: int) -> list[int]:

@@ -14,12 +14,12 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
-from conftest import in_thread, start_cluster, stop_cluster, wait_for_waiters
+from conftest import in_thread, wait_for_waiters
 from tensordict import TensorDict
 from torch.utils.data import DataLoader
 from torchdata.nodes import Mapper
@@ -31,13 +31,8 @@ JOIN = 30.0  # seconds any background consumer may take before the test fails (n
 
 
 @pytest.fixture(scope="module")
-def client() -> Iterator[Any]:
-    """One embedded cluster for the module (tq.init sets TQ_LOADER_ADDRESS for workers)."""
-    handle = start_cluster("local")
-    try:
-        yield handle.client
-    finally:
-        stop_cluster()
+def client(local_client: Any) -> Any:
+    return local_client
 
 
 # ----------------------------------------------------------------------------- helpers
