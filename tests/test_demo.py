@@ -139,3 +139,14 @@ def test_reward_and_loss_on_padded_batches() -> None:
     loss = grpo_loss(model, td)
     loss.backward()
     assert torch.isfinite(loss) and model[0].weight.grad is not None
+
+
+def test_dataloader_replacement_example_runs_as_is() -> None:
+    script = Path(__file__).resolve().parents[1] / "examples" / "dataloader_replacement.py"
+    env = {k: v for k, v in os.environ.items() if k != "TQ_LOADER_ADDRESS"}
+    out = subprocess.run(
+        [sys.executable, str(script), "--rows", "256", "--batch-size", "32", "--micro-batch-size", "16"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "every row exactly once: True" in out.stdout
