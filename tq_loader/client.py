@@ -35,7 +35,14 @@ from tq_loader.schema import FieldSchema
 from tq_loader.storage.manager import StorageManager, make_storage_manager
 from tq_loader.transport import Connection
 
-__all__ = ["AsyncClient", "Client", "TransferQueueClient"]
+__all__ = ["DEFAULT_TIMEOUT", "AsyncClient", "Client", "TransferQueueClient"]
+
+
+class _Default:
+    """Marks "use the configured request timeout" (``None`` already means "wait forever")."""
+
+
+DEFAULT_TIMEOUT = _Default()
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +72,10 @@ class AsyncClient:
             )
         return conn
 
-    async def _call(self, body: Any, *, timeout: float | str | None = "default") -> Any:
-        t = self.config.request_timeout if timeout == "default" else timeout
-        reply, _ = await self._conn(self.controller_address).request(body, timeout=t)  # type: ignore[arg-type]
+    async def _call(self, body: Any, *, timeout: float | _Default | None = DEFAULT_TIMEOUT) -> Any:
+        """One controller request; ``timeout`` defaults to ``client.request_timeout`` (None = wait)."""
+        t = self.config.request_timeout if isinstance(timeout, _Default) else timeout
+        reply, _ = await self._conn(self.controller_address).request(body, timeout=t)
         return reply
 
     async def storage(self) -> StorageManager:

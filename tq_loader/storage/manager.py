@@ -43,6 +43,7 @@ __all__ = [
 
 Notify = Callable[[str, np.ndarray, dict[str, FieldSchema]], Awaitable[None]]
 # (unit, num_units, reason, stripe_rows) -> rows reported lost
+_CONFIGURED = object()  # "the configured request timeout" (None means: wait forever)
 UnitLost = Callable[[int, int, str, int], Awaitable[int]]
 
 
@@ -167,12 +168,12 @@ class SimpleStorageManager(StorageManager):
             raise ClosedError("the storage manager is closed; make a new client")
 
     async def _request(
-        self, unit: int, body: Any, buffers: Sequence[Any] = (), timeout: Any = "default"
+        self, unit: int, body: Any, buffers: Sequence[Any] = (), timeout: float | object | None = _CONFIGURED
     ) -> Any:
         address = self.addresses[unit]
         try:
             return await self._connect(address).request(
-                body, buffers, timeout=self.request_timeout if timeout == "default" else timeout
+                body, buffers, timeout=self.request_timeout if timeout is _CONFIGURED else timeout
             )
         except DataLostError:
             raise
