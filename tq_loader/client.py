@@ -13,7 +13,6 @@ controller, which is what makes the rows ready for consumers.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import threading
@@ -413,7 +412,6 @@ def _sync(name: str) -> Any:
     doc = getattr(AsyncClient, async_name).__doc__
     method.__name__, async_method.__name__ = name, async_name
     method.__doc__ = async_method.__doc__ = doc
-    functools.update_wrapper  # noqa: B018 (names set above; no wrapping of signatures needed)
     return method, async_method
 
 

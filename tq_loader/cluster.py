@@ -7,7 +7,6 @@ controller's address to attach -- no Ray calls, which keeps DataLoader workers f
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -122,16 +121,3 @@ def start_cluster(config: TQConfig) -> Cluster:
 
         return RayCluster.create(config)
     return EmbeddedCluster(config)
-
-
-def run_coroutine(coro: Any) -> Any:
-    """Run ``coro`` to completion from sync code that may or may not be inside an event loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    thread = LoopThread("tq-oneshot")
-    try:
-        return thread.run(coro)
-    finally:
-        thread.close()
