@@ -411,6 +411,6 @@ class ControllerService:
             partition_ids=np.full(len(ids), part.partition_id, dtype=object),
             field_schema={f: schemas[f] for f in fields if f in schemas},
             production_status=np.ones(len(ids), np.int8) if produced is None else produced.astype(np.int8),
-            custom_meta=part.get_tags(ids) if len(ids) else [],
+            custom_meta=part.get_tags(ids) if len(ids) and part.num_tagged else None,  # None: all empty
             end_of_stream=end_of_stream,
         )

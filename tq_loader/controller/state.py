@@ -415,6 +415,11 @@ class PartitionState:
         for gid, tag in zip(ids.tolist(), tags, strict=True):
             self._tags.setdefault(gid, {}).update(tag)
 
+    @property
+    def num_tagged(self) -> int:
+        """Rows that carry tags (custom meta); 0 lets callers skip per-row work entirely."""
+        return len(self._tags)
+
     def get_tags(self, global_ids: Any) -> list[dict[str, Any]]:
         """Copies of the rows' tags ({} for untagged rows)."""
         ids = _as_ids(global_ids)

@@ -124,17 +124,22 @@ class GRPOGroupNSampler(BaseSampler):
         picked = ready[self._select_positions(ready, batch_size, sampling_config)].tolist()
         return picked, list(picked)
 
+    def _whole_groups(self, batch_size: int, sampling_config: Mapping[str, Any], what: str) -> int:
+        """The group size ``n``, after checking that ``batch_size`` holds whole groups."""
+        batch_size = check_positive(what, batch_size)
+        n = self._group_size(sampling_config)
+        if batch_size % n:
+            raise ValueError(
+                f"{what} ({batch_size}) must be a multiple of n_samples_per_prompt ({n}) so batches "
+                f"hold whole prompt groups; ask for k*{n} rows (e.g. {max(1, batch_size // n) * n})"
+            )
+        return n
+
     def _select_positions(
         self, ready: np.ndarray, batch_size: int, sampling_config: Mapping[str, Any]
     ) -> np.ndarray:
         """Positions into ``ready`` of the first complete groups, group after group (maybe empty)."""
-        batch_size = check_positive("batch_size", batch_size)
-        n = self._group_size(sampling_config)
-        if batch_size % n:
-            raise ValueError(
-                f"batch_size ({batch_size}) must be a multiple of n_samples_per_prompt ({n}) so batches "
-                f"hold whole prompt groups; ask for k*{n} rows (e.g. {max(1, batch_size // n) * n})"
-            )
+        n = self._whole_groups(batch_size, sampling_config, "batch_size")
         wanted = batch_size // n
         group_ids = sampling_config.get("group_ids")
         if group_ids is None:

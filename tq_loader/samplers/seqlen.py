@@ -118,14 +118,8 @@ class SeqlenBalancedSampler(GRPOGroupNSampler):
     def sample_round(
         self, ready_indexes: IndexLike, batch_size: int, dp_size: int, **sampling_config: Any
     ) -> tuple[list[list[int]], list[int]]:
-        batch_size = check_positive("batch_size", batch_size)
         dp_size = check_positive("dp_size", dp_size)
-        n = self._group_size(sampling_config)
-        if batch_size % n:
-            raise ValueError(
-                f"per-rank batch_size ({batch_size}) must be a multiple of n_samples_per_prompt ({n}) so "
-                f"every rank gets whole groups; use a batch_size of k*{n}"
-            )
+        n = self._whole_groups(batch_size, sampling_config, "per-rank batch_size")
         ready = as_index_array(ready_indexes)
         positions = self._select_positions(ready, batch_size * dp_size, sampling_config)
         groups = len(positions) // n
