@@ -41,7 +41,7 @@ def produce(client: tq.Client, partition: str, rows: int, features: int, chunk: 
         x = torch.randn(n, features, generator=generator)
         y = x @ weights + 0.01 * torch.randn(n, 1, generator=generator)
         meta = client.put(TensorDict({"x": x, "y": y}, batch_size=[n]), partition_id=partition)
-        ids += meta.global_indexes.tolist()
+        ids += meta.global_index_array.tolist()
     client.seal(partition)
 
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        seen += meta.global_indexes.tolist()
+        seen += meta.global_index_array.tolist()
         if step % 50 == 0:
             print(f"step {step:4d}  loss {loss.item():.4f}")
     producer.join()

@@ -39,7 +39,7 @@ class Regressor(lightning.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         td, meta = batch
-        self.steps.append(meta.global_indexes.tolist())
+        self.steps.append(meta.global_index_array.tolist())
         return torch.nn.functional.mse_loss(self.layer(td["x"]), td["y"])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

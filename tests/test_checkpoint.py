@@ -201,7 +201,7 @@ def _read_all(c: Any) -> dict[tuple[str, str], tuple[list[int], Any]]:
         for field in part["fields"]:
             meta = c.get_meta([field], 1, pid, mode="force_fetch")
             meta = meta.select_samples(meta.production_status == 1)
-            out[(pid, field)] = (meta.global_indexes.tolist(), c.get_data(meta)[field])
+            out[(pid, field)] = (meta.global_index_array.tolist(), c.get_data(meta)[field])
     return out
 
 
@@ -242,7 +242,7 @@ def test_round_trip_into_cluster_with_more_units(start: Any, tmp_path: Path) -> 
     ids, consumed = c.get_consumption_status("actor", "train")
     assert consumed[:3].tolist() == [1, 1, 1] and consumed[3:].sum() == 0
     nxt = c.get_meta(["d_float32"], 2, "train", task_name="actor")
-    assert nxt.global_indexes.tolist() == [3, 4]
+    assert nxt.global_index_array.tolist() == [3, 4]
     assert nxt.custom_meta == put["tags"][3:5]
     assert c.kv_list() == kv_before
     kv = c.kv_retrieve_meta(["k2"], "kv")
@@ -252,7 +252,7 @@ def test_round_trip_into_cluster_with_more_units(start: Any, tmp_path: Path) -> 
     eos = c.get_meta(["x"], 8, "sealed", task_name="t", allow_partial=True)
     assert eos.size == 4
     new = c.put(TensorDict({"z": torch.ones(1)}, batch_size=[1]), partition_id="train")
-    assert new.global_indexes.tolist() == [state["next_row_id"]]  # ids are never reused
+    assert new.global_index_array.tolist() == [state["next_row_id"]]  # ids are never reused
 
 
 def test_load_drops_the_round_ledger(start: Any, tmp_path: Path) -> None:
@@ -265,7 +265,7 @@ def test_load_drops_the_round_ledger(start: Any, tmp_path: Path) -> None:
     assert load_checkpoint(tmp_path / "ck") == {}
     assert c.statistics()["controller"]["rounds"]["rounds"] == 0
     again = c.get_meta(["x"], 2, "p", task_name="t", dp_rank=0, dp_size=1, batch_index=1)
-    assert again.global_indexes.tolist() == [2, 3] and first.global_indexes.tolist() == [0, 1]
+    assert again.global_index_array.tolist() == [2, 3] and first.global_index_array.tolist() == [0, 1]
     c.import_state(c.export_state())  # ImportState on its own (no clear_partition) drops rounds too
     assert c.statistics()["controller"]["rounds"]["rounds"] == 0
 

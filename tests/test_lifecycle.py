@@ -19,7 +19,7 @@ B = 6
 
 
 def _ids(meta) -> list[int]:
-    return [int(i) for i in meta.global_indexes]
+    return [int(i) for i in meta.global_index_array]
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ def put_rows(client: Any, pid: str, n: int) -> list[int]:
     x = torch.randn(n, FEATURES, generator=torch.Generator().manual_seed(1))
     meta = client.put(TensorDict({"x": x, "y": x.sum(1, keepdim=True)}, batch_size=[n]), partition_id=pid)
     client.seal(pid)
-    return meta.global_indexes.tolist()
+    return meta.global_index_array.tolist()
 
 
 class Recorder(lightning.LightningModule):
@@ -53,13 +53,13 @@ class Recorder(lightning.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         td, meta = batch
-        self.steps.append(meta.global_indexes.tolist())
+        self.steps.append(meta.global_index_array.tolist())
         return torch.nn.functional.mse_loss(self.layer(td["x"]), td["y"])
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         _, meta = batch
         (self.sanity_steps if self.trainer.sanity_checking else self.val_steps).append(
-            meta.global_indexes.tolist()
+            meta.global_index_array.tolist()
         )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -175,10 +175,10 @@ def test_schema_of_table_from_tensordict():
 def test_construct_and_properties():
     meta = BatchMeta([7, 3, 5], ["p", "q", "p"], {"z": F32, "a": {"dtype": torch.int64, "shape": ()}})
     assert meta.size == len(meta) == 3
-    assert meta.global_indexes.dtype == np.int64
-    assert meta.global_indexes.tolist() == [7, 3, 5]
-    assert meta.partition_ids.tolist() == ["p", "q", "p"]
-    assert meta.partition_ids.dtype.kind == "U"
+    assert meta.global_index_array.dtype == np.int64
+    assert meta.global_index_array.tolist() == [7, 3, 5]
+    assert meta.partition_id_array.tolist() == ["p", "q", "p"]
+    assert meta.partition_id_array.dtype.kind == "U"
     assert meta.production_status.dtype == np.int8 and meta.production_status.tolist() == [0, 0, 0]
     assert meta.field_names == ["a", "z"]
     assert meta.field_schema == {"z": F32, "a": I64}
@@ -191,9 +191,9 @@ def test_arrays_are_read_only_and_inputs_are_copied():
     idx = np.array([1, 2, 3])
     meta = BatchMeta(idx, "p")
     idx[0] = 99
-    assert meta.global_indexes.tolist() == [1, 2, 3]
+    assert meta.global_index_array.tolist() == [1, 2, 3]
     with pytest.raises(ValueError):
-        meta.global_indexes[0] = 5
+        meta.global_index_array[0] = 5
     with pytest.raises(ValueError):
         meta.production_status[0] = 1
     meta.field_schema["new"] = F32  # a copy: does not change the batch
@@ -201,7 +201,7 @@ def test_arrays_are_read_only_and_inputs_are_copied():
 
 
 def test_single_partition_string_is_broadcast():
-    assert BatchMeta([1, 2, 3], "train").partition_ids.tolist() == ["train"] * 3
+    assert BatchMeta([1, 2, 3], "train").partition_id_array.tolist() == ["train"] * 3
 
 
 @pytest.mark.parametrize(
@@ -284,10 +284,10 @@ def test_getitem():
     assert meta[-1].global_index == 104
     assert meta[np.int64(-2)].global_index == 103
     part = meta[1:4]
-    assert isinstance(part, BatchMeta) and part.global_indexes.tolist() == [101, 102, 103]
-    assert meta[::-1].global_indexes.tolist() == [104, 103, 102, 101, 100]
-    assert meta[::2].global_indexes.tolist() == [100, 102, 104]
-    assert meta[[4, 0]].global_indexes.tolist() == [104, 100]
+    assert isinstance(part, BatchMeta) and part.global_index_array.tolist() == [101, 102, 103]
+    assert meta[::-1].global_index_array.tolist() == [104, 103, 102, 101, 100]
+    assert meta[::2].global_index_array.tolist() == [100, 102, 104]
+    assert meta[[4, 0]].global_index_array.tolist() == [104, 100]
     assert meta[10:].size == 0
     for bad in (5, -6):
         with pytest.raises(IndexError):
@@ -303,14 +303,14 @@ def test_select_samples():
     meta = make(5, partition=["a", "b", "a", "b", "c"], custom_meta=[{"i": i} for i in range(5)])
     meta.set_extra_info("step", 3)
     sel = meta.select_samples([4, 1, 2])
-    assert sel.global_indexes.tolist() == [104, 101, 102]
-    assert sel.partition_ids.tolist() == ["c", "b", "a"]
+    assert sel.global_index_array.tolist() == [104, 101, 102]
+    assert sel.partition_id_array.tolist() == ["c", "b", "a"]
     assert sel.get_all_custom_meta() == [{"i": 4}, {"i": 1}, {"i": 2}]
     assert sel.field_names == meta.field_names and sel.get_extra_info("step") == 3
     sel.set_extra_info("step", 4)
     assert meta.get_extra_info("step") == 3
-    assert meta.select_samples(torch.tensor([0])).global_indexes.tolist() == [100]
-    assert meta.select_samples(np.array([True, False, False, False, True])).global_indexes.tolist() == [
+    assert meta.select_samples(torch.tensor([0])).global_index_array.tolist() == [100]
+    assert meta.select_samples(np.array([True, False, False, False, True])).global_index_array.tolist() == [
         100,
         104,
     ]
@@ -327,7 +327,7 @@ def test_select_fields():
     meta = make(3, production_status=[1, 1, 0])
     only_a = meta.select_fields(["a"])
     assert only_a.field_names == ["a"] and only_a.field_schema == {"a": F32}
-    assert only_a.global_indexes.tolist() == meta.global_indexes.tolist()
+    assert only_a.global_index_array.tolist() == meta.global_index_array.tolist()
     assert only_a.production_status.tolist() == [1, 1, 0]
     assert meta.select_fields([]).field_names == []
     assert meta.field_names == ["a", "b"]
@@ -343,7 +343,7 @@ def test_select_fields():
 def test_chunk_sizes_first_chunks_longer():
     chunks = make(10).chunk(3)
     assert [c.size for c in chunks] == [4, 3, 3]
-    assert [c.global_indexes.tolist() for c in chunks] == [
+    assert [c.global_index_array.tolist() for c in chunks] == [
         [100, 101, 102, 103],
         [104, 105, 106],
         [107, 108, 109],
@@ -377,8 +377,8 @@ def test_chunk_then_concat_is_identity(size, chunks):
 def test_chunk_by_partition_keeps_first_appearance_order():
     meta = make(6, partition=["b", "a", "b", "c", "a", "b"], custom_meta=[{"i": i} for i in range(6)])
     groups = meta.chunk_by_partition()
-    assert [g.partition_ids.tolist() for g in groups] == [["b", "b", "b"], ["a", "a"], ["c"]]
-    assert [g.global_indexes.tolist() for g in groups] == [[100, 102, 105], [101, 104], [103]]
+    assert [g.partition_id_array.tolist() for g in groups] == [["b", "b", "b"], ["a", "a"], ["c"]]
+    assert [g.global_index_array.tolist() for g in groups] == [[100, 102, 105], [101, 104], [103]]
     assert groups[0].get_all_custom_meta() == [{"i": 0}, {"i": 2}, {"i": 5}]
     single = make(3).chunk_by_partition()
     assert len(single) == 1 and single[0] == make(3)
@@ -391,8 +391,8 @@ def test_concat():
     a = BatchMeta([1, 2], "p", {"x": F32}, production_status=[1, 1])
     b = BatchMeta([3], "q", {"x": F32}, custom_meta=[{"t": 1}])
     out = BatchMeta.concat([a, BatchMeta.empty(), b])
-    assert out.global_indexes.tolist() == [1, 2, 3]
-    assert out.partition_ids.tolist() == ["p", "p", "q"]
+    assert out.global_index_array.tolist() == [1, 2, 3]
+    assert out.partition_id_array.tolist() == ["p", "p", "q"]
     assert out.production_status.tolist() == [1, 1, 0]
     assert out.get_all_custom_meta() == [{}, {}, {"t": 1}]
     assert out.field_schema == {"x": F32}
@@ -445,7 +445,7 @@ def test_union_skips_rows_already_present():
     a = BatchMeta([1, 2], "p", {"x": F32})
     b = BatchMeta([2, 3, 1, 2], ["p", "p", "p", "q"], {"x": F32})
     out = a.union(b)
-    assert list(zip(out.partition_ids.tolist(), out.global_indexes.tolist())) == [
+    assert list(zip(out.partition_id_array.tolist(), out.global_index_array.tolist())) == [
         ("p", 1),
         ("p", 2),
         ("p", 3),
@@ -461,8 +461,8 @@ def test_union_skips_rows_already_present():
 def test_reorder_in_place():
     meta = make(4, partition=["a", "b", "c", "d"], custom_meta=[{"i": i} for i in range(4)])
     meta.reorder([2, 0, 3, 1])
-    assert meta.global_indexes.tolist() == [102, 100, 103, 101]
-    assert meta.partition_ids.tolist() == ["c", "a", "d", "b"]
+    assert meta.global_index_array.tolist() == [102, 100, 103, 101]
+    assert meta.partition_id_array.tolist() == ["c", "a", "d", "b"]
     assert [m["i"] for m in meta.get_all_custom_meta()] == [2, 0, 3, 1]
     empty = BatchMeta.empty()
     empty.reorder([])
@@ -476,7 +476,7 @@ def test_reorder_rejects_non_permutations(bad):
     meta = make(4)
     with pytest.raises(ValueError):
         meta.reorder(bad)
-    assert meta.global_indexes.tolist() == [100, 101, 102, 103]
+    assert meta.global_index_array.tolist() == [100, 101, 102, 103]
 
 
 def test_copy_is_independent():
@@ -611,9 +611,9 @@ def test_wire_round_trip_exact():
     assert back == meta
     assert list(back.field_schema) == list(meta.field_schema)
     assert back.is_end_of_stream and back.extra_info["blob"] == b"\x00\x01"
-    assert back.global_indexes.dtype == np.int64 and back.production_status.dtype == np.int8
+    assert back.global_index_array.dtype == np.int64 and back.production_status.dtype == np.int8
     assert back.get_all_custom_meta()[2] == {"tags": ["a"], "n": None}
-    assert not back.global_indexes.flags.writeable
+    assert not back.global_index_array.flags.writeable
 
 
 @pytest.mark.parametrize("meta", [BatchMeta.empty(), make(3), make(3, custom_meta=[{}, {"a": 1}, {}])])
@@ -626,7 +626,7 @@ def test_wire_round_trip_then_operations():
     back.add_fields(TensorDict({"c": torch.zeros(6)}, batch_size=[6]))
     back.update_custom_meta([{"i": i} for i in range(6)])
     back.reorder([5, 4, 3, 2, 1, 0])
-    assert back.is_ready and back.global_indexes.tolist() == [105, 104, 103, 102, 101, 100]
+    assert back.is_ready and back.global_index_array.tolist() == [105, 104, 103, 102, 101, 100]
     assert [g.size for g in back.chunk_by_partition()] == [3, 3]
 
 
@@ -673,14 +673,14 @@ def test_hundred_thousand_rows():
     assert meta.size == n and meta.is_ready
     sel = meta.select_samples(np.arange(n - 1, -1, -7))
     assert sel.size == len(range(n - 1, -1, -7))
-    assert sel.global_indexes[:3].tolist() == [(n - 1) * 3, (n - 8) * 3, (n - 15) * 3]
+    assert sel.global_index_array[:3].tolist() == [(n - 1) * 3, (n - 8) * 3, (n - 15) * 3]
     chunks = meta.chunk(7)
     assert [c.size for c in chunks] == [14286] * 5 + [14285] * 2
-    assert chunks[1].global_indexes[0] == 14286 * 3
+    assert chunks[1].global_index_array[0] == 14286 * 3
     assert BatchMeta.concat(chunks) == meta
     by_part = meta.chunk_by_partition()
-    assert [g.partition_ids[0] for g in by_part] == ["rollout", "eval"]
-    assert by_part[1].global_indexes[:2].tolist() == [3, 9]
+    assert [g.partition_id_array[0] for g in by_part] == ["rollout", "eval"]
+    assert by_part[1].global_index_array[:2].tolist() == [3, 9]
     assert wire_round_trip(meta) == meta
     assert meta.samples[-1].global_index == (n - 1) * 3
 

@@ -27,8 +27,8 @@ meta = client.put(TensorDict({"x": torch.arange(4.0).unsqueeze(1) + 100}, batch_
 got = client.get_meta(["y"], 3, parent_pid, task_name="child", timeout=60)
 data = client.get_data(got)
 print(json.dumps({
-    "put_ids": meta.global_indexes.tolist(),
-    "got_ids": got.global_indexes.tolist(),
+    "put_ids": meta.global_index_array.tolist(),
+    "got_ids": got.global_index_array.tolist(),
     "y": data["y"].squeeze(1).tolist(),
     "address": os.environ["TQ_LOADER_ADDRESS"],
     "placement": config.placement,
@@ -70,9 +70,9 @@ def test_child_process_put_wakes_parent_get_meta(shared_cluster, pid):
     report = json.loads(child.stdout.strip().splitlines()[-1])
 
     got = waiter.result(timeout=30)
-    assert got.global_indexes.tolist() == report["put_ids"]
+    assert got.global_index_array.tolist() == report["put_ids"]
     assert client.get_data(got)["x"].squeeze(1).tolist() == [100.0, 101.0, 102.0, 103.0]
-    assert report["got_ids"] == parent_meta.global_indexes.tolist()
+    assert report["got_ids"] == parent_meta.global_index_array.tolist()
     assert report["y"] == [1.5, 2.5, 3.5]
     assert report["address"] == client.controller_address and report["placement"] == "local"
 
@@ -80,4 +80,4 @@ def test_child_process_put_wakes_parent_get_meta(shared_cluster, pid):
     _, consumed = client.get_consumption_status("child", parent_pid)
     assert consumed.all()
     again = client.get_meta(["y"], 3, parent_pid, task_name="parent", timeout=30)
-    assert again.global_indexes.tolist() == parent_meta.global_indexes.tolist()
+    assert again.global_index_array.tolist() == parent_meta.global_index_array.tolist()

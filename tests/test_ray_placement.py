@@ -58,7 +58,7 @@ def _worker_put(pid: str, n: int) -> dict:
     tq.init()
     client = tq.get_client()
     meta = client.put(TensorDict({"x": torch.arange(n).unsqueeze(1) * 3}, batch_size=[n]), partition_id=pid)
-    out = {"ids": meta.global_indexes.tolist(), "address": client.controller_address}
+    out = {"ids": meta.global_index_array.tolist(), "address": client.controller_address}
     tq.close()
     return out
 
@@ -73,7 +73,7 @@ def test_ray_worker_attaches_by_name_and_wakes_a_waiting_driver(ray_instance, ra
     report = ray.get(ray.remote(num_cpus=0)(_worker_put).remote(pid, 5), timeout=120)
     assert report["address"] == client.controller_address
     got = waiter.result(timeout=30)
-    assert got.global_indexes.tolist() == report["ids"]
+    assert got.global_index_array.tolist() == report["ids"]
     assert client.get_data(got)["x"].squeeze(1).tolist() == [0, 3, 6, 9, 12]
     # the worker detached: the services are still up
     assert ray.get_actor("tq_loader_controller", namespace=NAMESPACE) is not None

@@ -26,7 +26,7 @@ def test_dead_unit_rows_reported_lost_never_served(cluster):
     stripe = cluster.config.storage.stripe_rows
     n = 3 * stripe  # the rows land on both units, striped in blocks of ``stripe`` ids
     client.put(TensorDict({"x": torch.arange(float(n))}, batch_size=[n]), partition_id="loss")
-    ids = client.get_meta(["x"], n, "loss", mode="force_fetch").global_indexes
+    ids = client.get_meta(["x"], n, "loss", mode="force_fetch").global_index_array
     on_dead = ids[unit_of(ids, 2, stripe) == 1]
     assert 0 < len(on_dead) < len(ids)
     meta = client.get_meta(["x"], n, "loss", task_name="reader", timeout=5)
@@ -39,13 +39,13 @@ def test_dead_unit_rows_reported_lost_never_served(cluster):
     assert "1" in stats["controller"]["lost_units"]
     # The lost rows are gone from the controller; the others are still served by unit 0.
     alive = client.get_meta(["x"], n, "loss", mode="force_fetch")
-    assert set(alive.global_indexes.tolist()) == set(ids[unit_of(ids, 2, stripe) == 0].tolist())
+    assert set(alive.global_index_array.tolist()) == set(ids[unit_of(ids, 2, stripe) == 0].tolist())
     data = client.get_data(alive)
-    assert np.array_equal(data["x"].numpy(), alive.global_indexes.astype(np.float32) - ids[0])
+    assert np.array_equal(data["x"].numpy(), alive.global_index_array.astype(np.float32) - ids[0])
     # A fresh reader gets only the surviving rows.
     client.seal("loss")
     again = client.get_meta(["x"], n, "loss", task_name="second", timeout=5, allow_partial=True)
-    assert set(again.global_indexes.tolist()) == set(alive.global_indexes.tolist())
+    assert set(again.global_index_array.tolist()) == set(alive.global_index_array.tolist())
     assert client.get_data(again)["x"].shape == (len(alive),)
     # Clearing the partition works although one unit is dead.
     client.clear_partition("loss")

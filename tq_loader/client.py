@@ -159,11 +159,11 @@ class AsyncClient:
         for part in metadata.chunk_by_partition():
             tags = part.get_all_custom_meta()
             rows = [tags.get(int(i), {}) if isinstance(tags, dict) else tags[k] for k, i in
-                    enumerate(part.global_indexes)]  # fmt: skip
+                    enumerate(part.global_index_array)]  # fmt: skip
             await self._call(
                 p.SetTags(
-                    partition_id=str(part.partition_ids[0]),
-                    global_indexes=p.ids_to_wire(part.global_indexes),
+                    partition_id=str(part.partition_id_array[0]),
+                    global_indexes=p.ids_to_wire(part.global_index_array),
                     tags=rows,
                 )
             )
@@ -206,7 +206,7 @@ class AsyncClient:
                     f"put(): data has {n} rows but metadata has {metadata.size}; pass the BatchMeta of "
                     "exactly these rows (same order)"
                 )
-            pids = np.unique(np.asarray(metadata.partition_ids, dtype=object).astype(str))
+            pids = np.unique(np.asarray(metadata.partition_id_array, dtype=object).astype(str))
             if len(pids) != 1:
                 raise ValueError(
                     f"put() of one batch into several partitions {list(pids)}: chunk_by_partition first"
@@ -214,7 +214,7 @@ class AsyncClient:
             pid = str(pids[0]) if partition_id is None else partition_id
             reply = await self._call(
                 p.PrepareWrite(
-                    partition_id=pid, schemas=schemas, global_indexes=p.ids_to_wire(metadata.global_indexes)
+                    partition_id=pid, schemas=schemas, global_indexes=p.ids_to_wire(metadata.global_index_array)
                 )
             )
             await self._write(pid, data, metadata, reply.schemas)
@@ -256,8 +256,8 @@ class AsyncClient:
     async def async_clear_samples(self, metadata: BatchMeta) -> None:
         storage = await self.storage()
         for part in metadata.chunk_by_partition():
-            await self._call(p.ClearSamples(partition_id=str(part.partition_ids[0]),
-                                            global_indexes=p.ids_to_wire(part.global_indexes)))  # fmt: skip
+            await self._call(p.ClearSamples(partition_id=str(part.partition_id_array[0]),
+                                            global_indexes=p.ids_to_wire(part.global_index_array)))  # fmt: skip
         await storage.clear_data(metadata)
 
     async def async_clear_partition(self, partition_id: str) -> None:

@@ -134,7 +134,7 @@ def rollout_stage(plan: dict[str, Any], emit: Emit, rank: int = 0) -> dict[str, 
                 meta.update_custom_meta([{"total_lengths": int(x)} for x in total])
                 client.set_custom_meta(meta)
             wait += time.perf_counter() - t
-            ids += meta.global_indexes.tolist()
+            ids += meta.global_index_array.tolist()
             nbytes += _nbytes(td)
             emit("progress", rows=len(meta))
         return ids, nbytes, wait
@@ -176,7 +176,7 @@ def reward_stage(plan: dict[str, Any], emit: Emit, rank: int = 0) -> dict[str, A
         t = time.perf_counter()
         writer.write(TensorDict({"rewards": rewards}, batch_size=[meta.size]), meta)
         write_wait += time.perf_counter() - t
-        ids += meta.global_indexes.tolist()
+        ids += meta.global_index_array.tolist()
         nbytes += _nbytes(td) + rewards.numel() * rewards.element_size()
         emit("progress", rows=meta.size)
     t = time.perf_counter()
@@ -228,7 +228,7 @@ def trainer_stage(plan: dict[str, Any], emit: Emit, rank: int = 0) -> dict[str, 
             expected = reward_fn(td["prompts"], td["responses"], td["responses_mask"])
             mismatched += int((~torch.isclose(expected, td["rewards"])).sum())
             batch = int(meta.extra_info["batch_index"])
-            record.append((batch, meta.global_indexes.tolist(), _digest(td)))
+            record.append((batch, meta.global_index_array.tolist(), _digest(td)))
             groups.setdefault(batch, []).extend(td["prompt_id"].tolist())
             losses.append(loss.item())
             nbytes += _nbytes(td)

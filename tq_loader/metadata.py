@@ -164,13 +164,26 @@ class BatchMeta:
         return self.size
 
     @property
-    def global_indexes(self) -> np.ndarray:
-        """Read-only int64 array of the rows' global indexes."""
+    def global_indexes(self) -> list[int]:
+        """The rows' global indexes as a list (TransferQueue's type; ``+`` concatenates, ``==`` compares).
+
+        A fresh list per access: hot paths use :attr:`global_index_array` instead.
+        """
+        return self._gidx.tolist()
+
+    @property
+    def partition_ids(self) -> list[str]:
+        """Each row's partition as a list of str (TransferQueue's type); see :attr:`partition_id_array`."""
+        return self._pids.tolist()
+
+    @property
+    def global_index_array(self) -> np.ndarray:
+        """Read-only int64 array of the rows' global indexes (no copy: the fast accessor)."""
         return self._gidx
 
     @property
-    def partition_ids(self) -> np.ndarray:
-        """Read-only str array: each row's partition."""
+    def partition_id_array(self) -> np.ndarray:
+        """Read-only str array: each row's partition (no copy: the fast accessor)."""
         return self._pids
 
     @property

@@ -45,7 +45,7 @@ class Writer:
     def write(self, data: TensorDict | Mapping[str, Any], meta: BatchMeta) -> None:
         """Write ``data`` (one row per row of ``meta``, same order) into those rows."""
         if self.partition_id is not None and meta.size:
-            pids = set(meta.partition_ids.tolist())
+            pids = set(meta.partition_id_array.tolist())
             if pids != {self.partition_id}:
                 raise ValueError(f"writer for {self.partition_id!r} got rows of partitions {sorted(pids)}")
         client = self._get_client()

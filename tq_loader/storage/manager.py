@@ -87,8 +87,8 @@ def _groups(meta: BatchMeta, n_units: int, stripe_rows: int) -> list[tuple[str, 
     """(partition, unit, positions in meta, ascending) for every (partition, unit) pair that has rows."""
     if meta.size == 0:
         return []
-    names, inv = np.unique(np.asarray(meta.partition_ids, dtype=str), return_inverse=True)
-    key = inv.reshape(-1).astype(np.int64) * n_units + unit_of(meta.global_indexes, n_units, stripe_rows)
+    names, inv = np.unique(np.asarray(meta.partition_id_array, dtype=str), return_inverse=True)
+    key = inv.reshape(-1).astype(np.int64) * n_units + unit_of(meta.global_index_array, n_units, stripe_rows)
     order = np.argsort(key, kind="stable")
     chunks = np.split(order, np.flatnonzero(np.diff(key[order])) + 1)
     return [(str(names[key[c[0]] // n_units]), int(key[c[0]] % n_units), c) for c in chunks]
@@ -240,7 +240,7 @@ class SimpleStorageManager(StorageManager):
             specs, buffers = encode_columns(part)
             body = p.PutRows(
                 partition_id=pid,
-                global_indexes=p.ids_to_wire(meta.global_indexes[pos]),
+                global_indexes=p.ids_to_wire(meta.global_index_array[pos]),
                 columns=specs,
                 schemas=put_schemas,
                 timeout=self.put_timeout,
@@ -248,10 +248,10 @@ class SimpleStorageManager(StorageManager):
             sends.append(self._request(unit, body, buffers))
         await self._gather(sends)
         if notify and self._notify is not None:
-            pids = np.asarray(meta.partition_ids, dtype=str)
+            pids = np.asarray(meta.partition_id_array, dtype=str)
             await self._gather(
                 [
-                    self._notify(str(pid), meta.global_indexes[pids == pid], put_schemas)
+                    self._notify(str(pid), meta.global_index_array[pids == pid], put_schemas)
                     for pid in np.unique(pids)
                 ]
             )
@@ -268,7 +268,7 @@ class SimpleStorageManager(StorageManager):
                     unit,
                     p.GetRows(
                         partition_id=pid,
-                        global_indexes=p.ids_to_wire(meta.global_indexes[pos]),
+                        global_indexes=p.ids_to_wire(meta.global_index_array[pos]),
                         fields=fields,
                     ),
                 )
@@ -285,7 +285,7 @@ class SimpleStorageManager(StorageManager):
             for pos, cols in decoded:
                 if name not in cols:
                     raise NotFoundError(
-                        f"field {name!r}: a storage unit answered without it (rows {meta.global_indexes[pos[:8]].tolist()})"
+                        f"field {name!r}: a storage unit answered without it (rows {meta.global_index_array[pos[:8]].tolist()})"
                     )
                 parts.append((pos, cols[name]))
             schema = _column_schema(name, known.get(name), parts)
@@ -299,7 +299,7 @@ class SimpleStorageManager(StorageManager):
         await self._gather(
             [
                 self._request(
-                    unit, p.DropRows(partition_id=pid, global_indexes=p.ids_to_wire(meta.global_indexes[pos]))
+                    unit, p.DropRows(partition_id=pid, global_indexes=p.ids_to_wire(meta.global_index_array[pos]))
                 )
                 for pid, unit, pos in _groups(meta, len(self.addresses), self.stripe_rows)
             ],
