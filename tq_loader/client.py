@@ -214,7 +214,9 @@ class AsyncClient:
             pid = str(pids[0]) if partition_id is None else partition_id
             reply = await self._call(
                 p.PrepareWrite(
-                    partition_id=pid, schemas=schemas, global_indexes=p.ids_to_wire(metadata.global_index_array)
+                    partition_id=pid,
+                    schemas=schemas,
+                    global_indexes=p.ids_to_wire(metadata.global_index_array),
                 )
             )
             await self._write(pid, data, metadata, reply.schemas)

@@ -299,7 +299,8 @@ class SimpleStorageManager(StorageManager):
         await self._gather(
             [
                 self._request(
-                    unit, p.DropRows(partition_id=pid, global_indexes=p.ids_to_wire(meta.global_index_array[pos]))
+                    unit,
+                    p.DropRows(partition_id=pid, global_indexes=p.ids_to_wire(meta.global_index_array[pos])),
                 )
                 for pid, unit, pos in _groups(meta, len(self.addresses), self.stripe_rows)
             ],
