@@ -7,6 +7,8 @@ import asyncio
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tq_loader import protocol as p
 from tq_loader.codec import decode_columns, encode_columns
@@ -14,7 +16,7 @@ from tq_loader.errors import CapacityError, NotFoundError, ProtocolError, Schema
 from tq_loader.schema import FieldSchema
 from tq_loader.storage.columns import assemble, ragged_range, take_rows, target_kind
 from tq_loader.storage.service import StorageUnitService, decode_export
-from tq_loader.storage.unit import SimpleStorageUnit
+from tq_loader.storage.unit import SimpleStorageUnit, _IdIndex
 from tq_loader.transport import RequestContext
 
 F32 = FieldSchema("float32", (2,))
@@ -363,3 +365,66 @@ async def test_service_export_and_bad_requests() -> None:
         await service.handle(
             _ctx(), p.GetRows(partition_id="p", global_indexes=p.ids_to_wire([1]), fields=["zz"]), []
         )
+
+
+# --------------------------------------------------------------------------- the id index
+
+
+def test_out_of_order_single_row_puts_keep_the_index_small() -> None:
+    """Issue 7, defect 1: rows written newest-first used to double the index on every put."""
+    unit = SimpleStorageUnit()
+    for gid in reversed(range(40)):
+        unit.put("p", [gid], {"x": torch.tensor([float(gid)])})
+    part = unit.statistics()["partitions"]["p"]
+    assert part["rows"] == 40
+    assert part["index_capacity"] <= 2 * 40
+    assert unit.get("p", list(range(40)), ["x"])["x"].tolist() == [float(i) for i in range(40)]
+
+
+def test_index_capacity_follows_the_high_water_mark_of_rows_held() -> None:
+    unit = SimpleStorageUnit()
+    rng = np.random.default_rng(0)
+    live: set[int] = set()
+    for step in range(300):  # interleaved writes and drops, never more than 64 rows held
+        fresh = [int(i) for i in rng.choice(10_000, size=8, replace=False) if int(i) not in live]
+        unit.put("p", fresh, {"x": torch.ones(len(fresh))})
+        live.update(fresh)
+        if len(live) > 56:
+            gone = sorted(live)[step % 3 :: 2]
+            unit.drop("p", gone)
+            live.difference_update(gone)
+        assert unit.statistics()["partitions"]["p"]["index_capacity"] <= 2 * 64
+    assert unit.rows == len(live)
+    assert unit.get("p", sorted(live), ["x"])["x"].shape == (len(live),)
+
+
+_ID = st.integers(min_value=0, max_value=200)
+_OPS = st.lists(
+    st.tuples(st.sampled_from(["insert", "remove"]), st.lists(_ID, max_size=12)), min_size=1, max_size=40
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=_OPS, probe=st.lists(_ID, max_size=20))
+def test_id_index_matches_a_dict_model(ops: list[tuple[str, list[int]]], probe: list[int]) -> None:
+    index, model, most = _IdIndex(), {}, 0
+    next_slot = 0
+    for op, ids in ops:
+        if op == "insert":
+            fresh = [i for i in dict.fromkeys(ids) if i not in model]
+            slots = np.arange(next_slot, next_slot + len(fresh), dtype=np.int64)
+            next_slot += len(fresh)
+            index.insert(np.asarray(fresh, dtype=np.int64), slots)
+            model.update(zip(fresh, slots.tolist(), strict=True))
+        else:
+            removed = index.remove(np.asarray(ids, dtype=np.int64))
+            expected = sorted(model.pop(i) for i in set(ids) if i in model)
+            assert sorted(removed.tolist()) == expected
+        most = max(most, len(model))
+        assert index.n == len(model)
+        assert index.capacity <= max(16, 2 * most)
+        keys, slots = index.items()
+        assert keys.tolist() == sorted(model)
+        assert slots.tolist() == [model[k] for k in sorted(model)]
+    query = np.asarray(probe + list(model), dtype=np.int64)
+    assert index.lookup(query).tolist() == [model.get(int(i), -1) for i in query]

@@ -65,26 +65,47 @@ class _IdIndex:
     def items(self) -> tuple[np.ndarray, np.ndarray]:
         return self._keys[: self.n].copy(), self._slots[: self.n].copy()
 
+    @property
+    def capacity(self) -> int:
+        """Entries the index has room for (never more than twice the most it ever held, or 16)."""
+        return int(self._keys.size)
+
+    def _reserve(self, total: int) -> None:
+        """Room for ``total`` entries: grows geometrically, and only when full."""
+        if total <= self._keys.size:
+            return
+        size = max(total, 2 * self._keys.size)
+        n = self.n
+        keys, slots = np.empty(size, dtype=np.int64), np.empty(size, dtype=np.int64)
+        keys[:n], slots[:n] = self._keys[:n], self._slots[:n]
+        self._keys, self._slots = keys, slots
+
     def insert(self, ids: np.ndarray, slots: np.ndarray) -> None:
-        """Add ``ids`` (unique, none present yet)."""
+        """Add ``ids`` (unique, none present yet).
+
+        Ids after every present one (the common case) are appended, amortised O(batch). Ids that
+        interleave with present ones (rows written out of allocation order, normal with several
+        producers) are merged into the same buffers, moving only the entries after the first new
+        id. Either way the buffers grow only when full, so they stay within twice the most rows
+        the index ever held.
+        """
         if ids.size == 0:
             return
         order = np.argsort(ids, kind="stable")
         ids, slots = ids[order], slots[order]
-        n, total = self.n, self.n + ids.size
+        n, k = self.n, ids.size
+        self._reserve(n + k)
         if n == 0 or ids[0] > self._keys[n - 1]:
-            if total > self._keys.size:
-                size = max(total, 2 * self._keys.size)
-                self._keys = np.concatenate((self._keys[:n], np.empty(size - n, dtype=np.int64)))
-                self._slots = np.concatenate((self._slots[:n], np.empty(size - n, dtype=np.int64)))
-            self._keys[n:total], self._slots[n:total] = ids, slots
-        else:  # ids interleave with present ones: one O(n) merge
-            pos = np.searchsorted(self._keys[:n], ids)
-            keys, vals = np.insert(self._keys[:n], pos, ids), np.insert(self._slots[:n], pos, slots)
-            size = max(total, 2 * self._keys.size)
-            self._keys, self._slots = np.empty(size, dtype=np.int64), np.empty(size, dtype=np.int64)
-            self._keys[:total], self._slots[:total] = keys, vals
-        self.n = total
+            self._keys[n : n + k], self._slots[n : n + k] = ids, slots
+        else:  # ids interleave with present ones: one O(n) merge into the same buffers
+            keys = self._keys[:n]
+            first = int(np.searchsorted(keys, ids[0]))  # present entries before it stay where they are
+            new_pos = np.searchsorted(keys, ids) + np.arange(k)
+            tail_keys, tail_slots = keys[first:].copy(), self._slots[first:n].copy()
+            tail_pos = np.arange(first, n) + np.searchsorted(ids, tail_keys)
+            self._keys[tail_pos], self._slots[tail_pos] = tail_keys, tail_slots
+            self._keys[new_pos], self._slots[new_pos] = ids, slots
+        self.n = n + k
 
     def remove(self, ids: np.ndarray) -> np.ndarray:
         """Remove those of ``ids`` that are present; returns their slots."""
@@ -343,7 +364,12 @@ class SimpleStorageUnit:
                 name: {"kind": col.kind, "rows": int(col.has.sum()), "bytes": col.nbytes()}
                 for name, col in part.columns.items()
             }
-            parts[pid] = {"rows": part.rows, "slots": int(part.hwm), "fields": fields}
+            parts[pid] = {
+                "rows": part.rows,
+                "slots": int(part.hwm),
+                "index_capacity": part.index.capacity,  # <= max(16, 2 x most rows held): see _IdIndex
+                "fields": fields,
+            }
         return {
             "rows": self.rows,
             "capacity_rows": self.capacity_rows,
