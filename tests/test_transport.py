@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import msgspec
 import pytest
 import zmq
 import zmq.asyncio
@@ -15,6 +16,7 @@ from tq_loader.errors import (
     ProtocolError,
     SchemaError,
     TQConnectionError,
+    TQError,
     TQTimeoutError,
 )
 from tq_loader.transport import Connection, RequestContext, Server
@@ -211,3 +213,147 @@ async def test_cancelled_request_is_cancelled_on_the_server(served):
     await conn.request(p.CreatePartition(partition_id="after"))
     assert server.statistics()["cancelled"] == 1
     assert server.statistics()["in_flight"] == 0
+
+
+# ---------------------------------------------------------------------- hostile headers (issue 7)
+def _get_meta_header(request_id: int, config_bytes: bytes) -> bytes:
+    """A GetMeta envelope whose ``sampling_config`` is the msgpack map ``config_bytes``."""
+    marker = b"\x81\xa6marker\x00"  # msgpack of {"marker": 0}
+    header = p.encode(
+        p.RequestEnvelope(
+            request_id,
+            p.GetMeta(
+                partition_id="p",
+                data_fields=["x"],
+                batch_size=1,
+                mode="force_fetch",
+                sampling_config={"marker": 0},
+            ),
+        )
+    )
+    assert header.count(marker) == 1
+    return header.replace(marker, config_bytes)
+
+
+def _nested(levels: int) -> bytes:
+    """msgpack of {"k": [[[...[None]...]]]} with ``levels`` containers in all."""
+    return b"\x81\xa1k" + b"\x91" * (levels - 1) + b"\xc0"
+
+
+@pytest.fixture
+async def controller():
+    from tq_loader.controller.service import ControllerService
+
+    server = Server(ControllerService().handle, name="controller", max_header_bytes=1 << 20)
+    address = await server.start()
+    raw = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(address)
+    conn = Connection(address, grace=1.0)
+    yield server, raw, conn
+    raw.close()
+    await conn.close()
+    await server.close()
+
+
+async def _raw_reply(raw: zmq.asyncio.Socket, frames: list[bytes]) -> p.ReplyEnvelope:
+    await raw.send_multipart(frames)
+    (header,) = await asyncio.wait_for(raw.recv_multipart(), 10)
+    return p.decode_reply(header)
+
+
+@pytest.mark.parametrize("levels", [2000, 200_000])
+async def test_deeply_nested_header_gets_an_error_reply_and_the_port_keeps_serving(controller, levels):
+    server, raw, conn = controller
+    reply = await _raw_reply(raw, [_get_meta_header(17, _nested(levels))])
+    assert (reply.id, reply.error_kind) == (17, "ProtocolError")
+    assert "nests deeper" in reply.error_message
+    # the receive loop survived: a normal request on the same port is answered
+    answer, _ = await conn.request(p.ListPartitions(), timeout=5)
+    assert isinstance(answer, p.NamesReply)
+    assert server.statistics()["malformed"] == 1
+
+
+async def test_free_form_fields_are_depth_limited(controller):
+    _, raw, _ = controller
+    reply = await _raw_reply(raw, [_get_meta_header(4, _nested(p.MAX_PAYLOAD_DEPTH + 1))])
+    assert (reply.id, reply.error_kind) == (4, "ProtocolError")
+    assert "GetMeta.sampling_config" in reply.error_message
+    at_limit = await _raw_reply(raw, [_get_meta_header(5, _nested(p.MAX_PAYLOAD_DEPTH))])
+    assert at_limit.id == 5 and at_limit.error_kind is None  # served
+
+
+async def test_deep_tags_and_imported_state_are_refused_by_field(controller):
+    _, raw, _ = controller
+    deep: object = 0
+    for _ in range(p.MAX_PAYLOAD_DEPTH + 5):
+        deep = [deep]
+    bodies = {
+        "SetTags.tags": p.SetTags(partition_id="p", global_indexes=p.ids_to_wire([0]), tags=[{"t": deep}]),
+        "ImportState.state": p.ImportState(state={"partitions": [{"tags": [{"t": deep}]}]}),
+    }
+    for i, (field, body) in enumerate(bodies.items()):
+        reply = await _raw_reply(raw, [p.encode(p.RequestEnvelope(i, body))])
+        assert (reply.id, reply.error_kind) == (i, "ProtocolError")
+        assert field in reply.error_message
+
+
+async def test_oversized_header_is_refused_before_decoding(controller):
+    server, raw, conn = controller
+    blob = 2 << 20
+    huge = _get_meta_header(8, b"\x81\xa1k\xc6" + blob.to_bytes(4, "big") + b"\x00" * blob)
+    assert len(huge) > server.max_header_bytes
+    reply = await _raw_reply(raw, [huge])
+    assert (reply.id, reply.error_kind) == (8, "ProtocolError")
+    assert "exceeds the limit" in reply.error_message
+    answer, _ = await conn.request(p.ListPartitions(), timeout=5)
+    assert isinstance(answer, p.NamesReply)
+
+
+async def test_any_handler_exception_becomes_an_error_reply():
+    async def handle(ctx, req, buffers):
+        if isinstance(req, p.Stats):
+            raise RecursionError("maximum recursion depth exceeded")
+        if isinstance(req, p.Describe):
+            return p.StatsReply(stats={"unencodable": object()}), []
+        return p.Ok(), []
+
+    server = Server(handle)
+    conn = Connection(await server.start(), grace=1.0)
+    try:
+        with pytest.raises(TQError, match="recursion"):
+            await conn.request(p.Stats(), timeout=5)
+        with pytest.raises(TQError):
+            await conn.request(p.Describe(), timeout=5)
+        reply, _ = await conn.request(p.ListPartitions(), timeout=5)
+        assert isinstance(reply, p.Ok)
+    finally:
+        await conn.close()
+        await server.close()
+
+
+# ---------------------------------------------------------------------- undecodable bodies (issue 7, defect 4)
+async def test_body_with_a_wrong_type_is_answered_to_its_request_id(controller):
+    _, raw, _ = controller
+    envelope = msgspec.msgpack.encode(
+        [41, {"type": "GetMeta", "partition_id": 3, "data_fields": ["x"], "batch_size": 1}, 5.0, None, 1]
+    )
+    reply = await _raw_reply(raw, [envelope])
+    assert (reply.id, reply.error_kind) == (41, "ProtocolError")
+    assert "partition_id" in reply.error_message and "str" in reply.error_message
+
+
+async def test_connection_gets_the_protocol_error_instead_of_a_timeout(controller):
+    _, _, conn = controller
+    bad = p.GetMeta(partition_id=3, data_fields=["x"], batch_size=1)  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError, match="partition_id"):
+        await conn.request(bad, timeout=3)
+
+
+def test_peek_id_reads_the_id_of_headers_that_do_not_decode():
+    header = p.encode(p.RequestEnvelope(123456, p.Stats()))
+    assert p.peek_id(header) == 123456
+    assert p.peek_id(header[:6]) == 123456  # truncated after the id
+    assert p.peek_id(memoryview(_get_meta_header(7, _nested(5000)))) == 7
+    for junk in (b"", b"\x91", b"\xc0\x01", b"\x90\x01", b"\x91\xa1x", b"\x91\xff", b"\x91\xcd\x01"):
+        assert p.peek_id(junk) == -1

@@ -8,6 +8,13 @@ builds only plain data (no pickle, nothing executable), and anything malformed r
 
 Deadlines travel as a relative ``timeout`` (seconds): the server turns it into its own clock's
 deadline on arrival, so clocks of different hosts need not agree.
+
+A server decodes a request in two steps (:func:`decode_head`, then :func:`decode_body`), so a body
+it rejects (an ``int`` where a ``str`` belongs) is answered to the right request id; a header too
+malformed even for that still yields its id when one can be read (:func:`peek_id`). Headers are
+bounded before decoding (:data:`MAX_HEADER_BYTES`) and nesting while decoding: msgspec's own
+recursion limit (about 1000 levels) becomes a ``ProtocolError``, and free-form payloads
+(``sampling_config``, tags, imported state) may nest at most :data:`MAX_PAYLOAD_DEPTH` levels.
 """
 
 from __future__ import annotations
@@ -22,17 +29,29 @@ from tq_loader.errors import ProtocolError
 from tq_loader.schema import FieldSchema
 
 __all__ = [
+    "MAX_HEADER_BYTES",
+    "MAX_PAYLOAD_DEPTH",
     "PROTOCOL_VERSION",
     "ReplyEnvelope",
     "RequestEnvelope",
+    "RequestHead",
+    "decode_body",
+    "decode_head",
     "decode_reply",
     "decode_request",
     "encode",
     "ids_from_wire",
     "ids_to_wire",
+    "peek_id",
 ]
 
 PROTOCOL_VERSION = 1
+#: A request header larger than this is refused before it is decoded. Control messages are small;
+#: bulk data travels as raw buffer frames, and the largest header (``ImportState`` of a checkpoint)
+#: needs ~25 bytes per row.
+MAX_HEADER_BYTES = 256 << 20
+#: How deeply free-form values (``GetMeta.sampling_config``, one row's tags) may nest.
+MAX_PAYLOAD_DEPTH = 32
 _INT64 = np.dtype("<i8")
 
 
@@ -298,20 +317,124 @@ class ReplyEnvelope(msgspec.Struct, frozen=True, array_like=True):
     error_message: str | None = None
 
 
+class RequestHead(msgspec.Struct, frozen=True, array_like=True):
+    """A :class:`RequestEnvelope` whose body is still encoded: the first of the two decode steps."""
+
+    id: int
+    body: msgspec.Raw
+    timeout: float | None = None
+    token: str | None = None
+    version: int = PROTOCOL_VERSION
+
+
+# Free-form (``Any``-typed) fields of requests and how deeply each may nest: a row's tags and a
+# sampling config get MAX_PAYLOAD_DEPTH; the containers around them add their own levels (tags: the
+# list of rows; imported state: state > partitions > partition > tags > a row's tags).
+_FREE_FORM: dict[type, tuple[tuple[str, int], ...]] = {
+    GetMeta: (("sampling_config", MAX_PAYLOAD_DEPTH),),
+    SetTags: (("tags", MAX_PAYLOAD_DEPTH + 1),),
+    ImportState: (("state", MAX_PAYLOAD_DEPTH + 4),),
+}
+
 _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(RequestEnvelope)
+_head_decoder = msgspec.msgpack.Decoder(RequestHead)
+_body_decoder: msgspec.msgpack.Decoder[Request] = msgspec.msgpack.Decoder(Request)  # type: ignore[arg-type]
 _reply_decoder = msgspec.msgpack.Decoder(ReplyEnvelope)
+_TOO_DEEP = "it nests deeper than the decoder allows (about 1000 levels)"
 
 
 def encode(envelope: RequestEnvelope | ReplyEnvelope) -> bytes:
     return _encoder.encode(envelope)
 
 
-def decode_request(raw: bytes | memoryview) -> RequestEnvelope:
+def peek_id(raw: bytes | memoryview) -> int:
+    """The id of a request or reply header (its first element), or -1 when even that cannot be read.
+
+    Reads only a msgpack array marker and one integer, so it works on headers that fail to decode
+    (truncated, too deep, wrong types further on) and lets their error reply reach the right caller.
+    """
+    data = memoryview(raw).cast("B") if not isinstance(raw, bytes) else raw
+    if len(data) < 2:
+        return -1
+    marker, at = data[0], 1
+    if 0x90 <= marker <= 0x9F:
+        count = marker & 0x0F
+    elif marker in (0xDC, 0xDD):
+        at = 3 if marker == 0xDC else 5
+        count = int.from_bytes(bytes(data[1:at]), "big") if len(data) >= at else 0
+    else:
+        return -1
+    if count == 0 or len(data) <= at:
+        return -1
+    first = data[at]
+    if first <= 0x7F:
+        return int(first)
+    widths = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8, 0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}
+    width = widths.get(first)
+    if width is None or len(data) < at + 1 + width:
+        return -1
+    value = int.from_bytes(bytes(data[at + 1 : at + 1 + width]), "big", signed=first >= 0xD0)
+    return value if value >= 0 else -1
+
+
+def decode_head(raw: bytes | memoryview, max_bytes: int = MAX_HEADER_BYTES) -> RequestHead:
+    """Step one: the envelope (id, timeout, token, version), the body left encoded."""
+    size = memoryview(raw).nbytes
+    if size > max_bytes:
+        raise ProtocolError(
+            f"request header of {size} bytes exceeds the limit of {max_bytes} bytes; send bulk data as "
+            "buffer frames, not inside the header"
+        )
     try:
-        return _request_decoder.decode(raw)
+        return _head_decoder.decode(raw)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ProtocolError(f"malformed request header: {exc}") from None
+    except RecursionError:
+        raise ProtocolError(f"malformed request header: {_TOO_DEEP}") from None
+
+
+def decode_body(raw: bytes | memoryview | msgspec.Raw) -> Request:
+    """Step two: the typed request, its free-form fields checked for depth."""
+    try:
+        body = _body_decoder.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(
+            f"malformed request body: {exc}. Check the argument types: partition ids, task, field and "
+            "sampler names and sampling_config keys are str, sizes and ranks int"
+        ) from None
+    except RecursionError:
+        raise ProtocolError(f"malformed request body: {_TOO_DEEP}") from None
+    for name, limit in _FREE_FORM.get(type(body), ()):
+        if _nests_deeper(getattr(body, name), limit):
+            raise ProtocolError(
+                f"{type(body).__name__}.{name} nests deeper than {limit} levels; pass plain, shallow "
+                "values (numbers, strings, short lists and dicts)"
+            )
+    return body
+
+
+def _nests_deeper(value: Any, limit: int) -> bool:
+    """Whether ``value`` has more than ``limit`` levels of containers (iterative: no recursion)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = [*item.keys(), *item.values()]
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        if depth >= limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list, tuple)))
+    return False
+
+
+def decode_request(raw: bytes | memoryview, max_bytes: int = MAX_HEADER_BYTES) -> RequestEnvelope:
+    """Both steps at once (for tools and tests; the server uses them separately)."""
+    head = decode_head(raw, max_bytes)
+    return RequestEnvelope(head.id, decode_body(head.body), head.timeout, head.token, head.version)
 
 
 def decode_reply(raw: bytes | memoryview) -> ReplyEnvelope:
@@ -319,3 +442,5 @@ def decode_reply(raw: bytes | memoryview) -> ReplyEnvelope:
         return _reply_decoder.decode(raw)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ProtocolError(f"malformed reply header: {exc}") from None
+    except RecursionError:
+        raise ProtocolError(f"malformed reply header: {_TOO_DEEP}") from None

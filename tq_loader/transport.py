@@ -5,8 +5,10 @@
 * Deadlines are the server's: a request's ``timeout`` travels with it and the server answers with
   a ``TQTimeoutError`` reply when it passes. The client waits a little longer (``grace``) and only
   then gives up on its own -- so a server never hands out rows to a client that stopped listening.
-* A handler's exception becomes an error reply that the client re-raises with the same type; the
-  server survives garbage frames, unknown messages and truncated headers.
+* A handler's exception becomes an error reply that the client re-raises with the same type. Any
+  exception from decoding or handling one message (garbage, truncated or ~unboundedly nested
+  headers, a body with wrong types, a handler bug) is answered to that request's id -- the
+  envelope is decoded before the body, so the id is known -- and the receive loop goes on.
 * A lost connection (peer process died) fails the requests in flight with ``TQConnectionError``.
 * Binding beyond loopback requires an auth token, checked on every request.
 """
@@ -44,11 +46,10 @@ from tq_loader.protocol import (
     Request,
     RequestEnvelope,
     decode_reply,
-    decode_request,
     encode,
 )
 
-__all__ = ["Connection", "Handler", "RequestContext", "Server", "is_loopback"]
+__all__ = ["Connection", "Handler", "RequestContext", "Server", "check_bind", "is_loopback"]
 
 log = logging.getLogger(__name__)
 _CANCEL_LINGER_MS = 500
@@ -89,14 +90,50 @@ class _ServerStats:
     requests: int = 0
     errors: int = 0
     malformed: int = 0
+    refused: int = 0  # requests without the right auth token
     in_flight: int = 0
     cancelled: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
 
 
+class _Throttled:
+    """A warning that may repeat often (hostile or misconfigured peers): the first one is logged,
+    then at most one line per ``every`` seconds, saying how many were left unlogged."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every, self._last, self._unlogged = every, -float("inf"), 0
+
+    def warn(self, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every:
+            self._unlogged += 1
+            return
+        more = (
+            f" (and {self._unlogged} more like it in the last {now - self._last:.0f}s)"
+            if self._unlogged
+            else ""
+        )
+        self._last, self._unlogged = now, 0
+        log.warning(message + more, *args)
+
+
+def check_bind(host: str, auth_token: str | None, name: str = "service") -> None:
+    """Refuse to expose a service beyond this machine without a token (call before binding)."""
+    if not is_loopback(host) and not auth_token:
+        raise ValueError(
+            f"{name}: binding to {host!r} exposes the service beyond this machine; "
+            "set an auth_token (config `auth_token`) or bind to 127.0.0.1"
+        )
+
+
 class Server:
-    """Serve ``handler`` on a ROUTER socket; each request runs as its own task."""
+    """Serve ``handler`` on a ROUTER socket; each request runs as its own task.
+
+    Whatever one message contains, the receive loop goes on: a frame that fails to decode, a
+    handler that raises anything, even a reply that fails to encode, becomes an error reply to
+    that request's id (``-1`` when not even the id can be read, which no client waits for).
+    """
 
     def __init__(
         self,
@@ -106,17 +143,18 @@ class Server:
         port: int = 0,
         auth_token: str | None = None,
         name: str = "service",
+        max_header_bytes: int = p.MAX_HEADER_BYTES,
     ) -> None:
-        if not is_loopback(host) and not auth_token:
-            raise ValueError(
-                f"{name}: binding to {host!r} exposes the service beyond this machine; "
-                "set an auth_token (config `auth_token`) or bind to 127.0.0.1"
-            )
+        check_bind(host, auth_token, name)
         self.handler, self.host, self.port, self.name = handler, host, port, name
+        self.max_header_bytes = max_header_bytes
         self._token = auth_token
         self._sock: zmq.asyncio.Socket | None = None
         self._task: asyncio.Task[None] | None = None
         self._handlers: dict[tuple[bytes, int], asyncio.Task[None]] = {}
+        self._sends: set[asyncio.Task[None]] = set()  # error replies sent from the receive loop
+        self._malformed_log = _Throttled()
+        self._refused_log = _Throttled()
         self.stats = _ServerStats()
         self.address = ""
 
@@ -144,54 +182,87 @@ class Server:
             except (asyncio.CancelledError, zmq.ContextTerminated):
                 return
             except zmq.ZMQError as exc:  # a closed socket ends the server; anything else is logged
-                if self._sock.closed:
+                if self._sock is None or self._sock.closed:
                     return
                 log.warning("%s: receive failed: %s", self.name, exc)
                 continue
-            self._dispatch(frames)
+            try:
+                self._dispatch(frames)
+            except Exception:  # a bug in dispatch itself: one message is lost, never the server
+                self.stats.errors += 1
+                log.exception("%s: dropped a message that could not be dispatched", self.name)
 
     def _dispatch(self, frames: list[zmq.Frame]) -> None:
-        """Start a handler task, or cancel one when the client says it gave up on it."""
+        """Decode the envelope, then the body; start a handler task, or cancel one on ``Cancel``.
+
+        Each failure is answered to the request's id as soon as that id is known (the envelope is
+        read before the body, so a body with a wrong type still reaches its caller)."""
         identity = frames[0].bytes
-        if len(frames) >= 2:
+        self.stats.bytes_in += sum(len(f) for f in frames[1:])
+        request_id = -1
+        try:
+            if len(frames) < 2:
+                raise ProtocolError("message without a header frame")
+            header = frames[1].buffer
             try:
-                envelope = decode_request(frames[1].buffer)
+                head = p.decode_head(header, self.max_header_bytes)
             except ProtocolError:
-                envelope = None
-            if envelope is not None and isinstance(envelope.body, p.Cancel):
-                if not self._token or hmac.compare_digest(envelope.token or "", self._token):
-                    task = self._handlers.get((identity, envelope.body.request_id))
-                    if task is not None:
-                        task.cancel()
-                        self.stats.cancelled += 1
-                return
-            key = (identity, envelope.id if envelope is not None else -1)
-        else:
-            key = (identity, -1)
-        task = asyncio.get_running_loop().create_task(self._handle(frames))
-        if key[1] >= 0:
+                request_id = p.peek_id(header)
+                raise
+            request_id = head.id
+            self._check(head)
+            body = p.decode_body(head.body)
+        except Exception as exc:
+            self._reply_error(identity, request_id, exc)
+            return
+        if isinstance(body, p.Cancel):
+            task = self._handlers.get((identity, body.request_id))
+            if task is not None:
+                task.cancel()
+                self.stats.cancelled += 1
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._handle(identity, request_id, head.timeout, body, [f.buffer for f in frames[2:]])
+        )
+        if request_id >= 0:
+            key = (identity, request_id)
             self._handlers[key] = task
             task.add_done_callback(lambda _t, k=key: self._handlers.pop(k, None))
 
-    async def _handle(self, frames: list[zmq.Frame]) -> None:
-        identity = frames[0].bytes
+    def _reply_error(self, identity: bytes, request_id: int, exc: Exception) -> None:
+        """Answer a message that never reached the handler (malformed or refused)."""
+        self.stats.errors += 1
+        if isinstance(exc, ProtocolError):
+            self.stats.malformed += 1
+            self._malformed_log.warn("%s: malformed request %d: %s", self.name, request_id, exc)
+        elif isinstance(exc, TQConnectionError):  # from _check: no or a wrong auth token
+            self.stats.refused += 1
+            self._refused_log.warn("%s: refused request %d: %s", self.name, request_id, exc)
+        else:
+            log.exception("%s: failed to read request %d", self.name, request_id, exc_info=exc)
+        task = asyncio.get_running_loop().create_task(
+            self._send(self._error_frames(identity, request_id, exc))
+        )
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
+
+    async def _handle(
+        self,
+        identity: bytes,
+        request_id: int,
+        timeout: float | None,
+        body: Request,
+        buffers: list[memoryview],
+    ) -> None:
         self.stats.in_flight += 1
-        request_id = -1
         try:
-            self.stats.bytes_in += sum(len(f) for f in frames[1:])
-            if len(frames) < 2:
-                raise ProtocolError("message without a header frame")
-            envelope = decode_request(frames[1].buffer)
-            request_id = envelope.id
-            self._check(envelope)
             loop = asyncio.get_running_loop()
-            deadline = None if envelope.timeout is None else loop.time() + max(0.0, envelope.timeout)
+            deadline = None if timeout is None else loop.time() + max(0.0, timeout)
             ctx = RequestContext(request_id, deadline, loop)
             self.stats.requests += 1
-            reply, buffers = await self.handler(ctx, envelope.body, [f.buffer for f in frames[2:]])
-            out: list[Any] = [identity, encode(ReplyEnvelope(request_id, reply)), *buffers]
+            reply, out_buffers = await self.handler(ctx, body, buffers)
+            out: list[Any] = [identity, encode(ReplyEnvelope(request_id, reply)), *out_buffers]
         except asyncio.CancelledError:
-            self.stats.in_flight -= 1
             return  # cancelled by the client (or by close): nobody is waiting for a reply
         except Exception as exc:  # every failure becomes a typed error reply; the server keeps serving
             self.stats.errors += 1
@@ -199,19 +270,30 @@ class Server:
                 self.stats.malformed += 1
             elif not isinstance(exc, TQError | ValueError | KeyError | TypeError | TimeoutError):
                 log.exception("%s: handler failed on request %d", self.name, request_id)
-            kind, message = error_to_wire(exc)
-            out = [identity, encode(ReplyEnvelope(request_id, None, kind, message))]
-        self.stats.in_flight -= 1
+            out = self._error_frames(identity, request_id, exc)
+        finally:
+            self.stats.in_flight -= 1
         await self._send(out)
 
-    def _check(self, envelope: RequestEnvelope) -> None:
-        if envelope.version != PROTOCOL_VERSION:
+    @staticmethod
+    def _error_frames(identity: bytes, request_id: int, exc: BaseException) -> list[Any]:
+        kind, message = error_to_wire(exc)
+        try:
+            return [identity, encode(ReplyEnvelope(request_id, None, kind, message))]
+        except Exception:  # a message that cannot be encoded (e.g. lone surrogates): keep the kind
+            return [identity, encode(ReplyEnvelope(request_id, None, kind, type(exc).__name__))]
+
+    def _check(self, head: p.RequestHead) -> None:
+        if head.version != PROTOCOL_VERSION:
             raise ProtocolError(
-                f"protocol version {envelope.version} != {PROTOCOL_VERSION}: "
+                f"protocol version {head.version} != {PROTOCOL_VERSION}: "
                 "client and server run different tq_loader versions"
             )
-        if self._token and not hmac.compare_digest(envelope.token or "", self._token):
-            raise TQConnectionError(f"{self.name}: missing or wrong auth token")
+        if self._token and not hmac.compare_digest((head.token or "").encode(), self._token.encode()):
+            raise TQConnectionError(
+                f"{self.name}: request refused: {'wrong' if head.token else 'missing'} auth token. Pass the "
+                "cluster's token (auth_token=..., or TQ_LOADER_AUTH_TOKEN in the environment)"
+            )
 
     async def _send(self, frames: list[Any]) -> None:
         if self._sock is None or self._sock.closed:
@@ -223,7 +305,7 @@ class Server:
             log.debug("%s: reply dropped: %s", self.name, exc)
 
     async def close(self) -> None:
-        for task in [*self._handlers.values(), self._task]:
+        for task in [*self._handlers.values(), *self._sends, self._task]:
             if task is not None:
                 task.cancel()
         if self._sock is not None:
@@ -298,8 +380,11 @@ class Connection:
                 return
             try:
                 envelope = decode_reply(frames[0].buffer)
-            except ProtocolError as exc:
+            except ProtocolError as exc:  # fail its caller at once when its id can be read
                 log.warning("dropping a malformed reply from %s: %s", self.address, exc)
+                waiting = self._pending.pop(p.peek_id(frames[0].buffer), None)
+                if waiting is not None and not waiting.done():
+                    waiting.set_exception(ProtocolError(f"malformed reply from {self.address}: {exc}"))
                 continue
             future = self._pending.pop(envelope.id, None)
             if future is not None and not future.done():
