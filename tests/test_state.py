@@ -491,3 +491,126 @@ def test_ordinals_are_insertion_order_within_partition_and_survive_compaction(mo
     assert (a.ordinals(second) // 4).tolist() == [1, 1, 1, 1]  # GRPO group of the second prompt
     with pytest.raises(NotFoundError):
         a.ordinals(first[:1])
+
+
+# ---------------------------------------------------------------- abandoned rows (issue 7, defect 3)
+def test_sealed_partition_drops_rows_that_were_never_produced():
+    p = make()
+    done, dead, half = p.insert(3), p.insert(4), p.insert(2)
+    p.mark_produced(done, {"x": F32})
+    p.mark_produced(half, {"y": I64})  # one field of two written: its insert write completed
+    assert p.unproduced().tolist() == dead.tolist()
+    with pytest.raises(ClosedError, match="not sealed"):
+        p.drop_abandoned(dead, 30.0)
+    p.seal()
+    dropped = p.drop_abandoned(p.unproduced(), 30.0)
+    assert dropped.tolist() == dead.tolist()
+    assert p.num_rows == 5 and p.unproduced().size == 0
+    assert p.ready(["x"], "t").tolist() == done.tolist()
+    assert p.count_unconsumed("t") == 5
+    stats = p.statistics()
+    assert stats["abandoned_rows"] == 4 and stats["rows_cleared"] == 4
+    # a late write names the rows: a typed error that says what happened, and nothing changes
+    with pytest.raises(ClosedError, match=r"sealed and rows .* abandoned.*seal_grace_s=30.0s"):
+        p.mark_produced(dead, {"x": F32})
+    with pytest.raises(NotFoundError):  # rows that never existed stay "not found"
+        p.positions([999])
+    assert p.statistics()["fields"]["x"] == 3
+    assert p.drop_abandoned(done, 30.0).size == 0  # produced rows are never dropped
+
+
+def test_drop_abandoned_keeps_rows_produced_since():
+    p = make()
+    ids = p.insert(4)
+    p.seal()
+    p.mark_produced(ids[:2], {"x": F32})  # their write completed within the grace period
+    assert p.drop_abandoned(ids, 1.0).tolist() == ids[2:].tolist()
+    assert p.abandoned_rows == 2
+
+
+async def _call(service, body, timeout: float | None = 30.0):
+    """One request to a ControllerService, as the transport would hand it over."""
+    import asyncio
+
+    from tq_loader.transport import RequestContext
+
+    loop = asyncio.get_running_loop()
+    ctx = RequestContext(1, None if timeout is None else loop.time() + timeout, loop)
+    reply, _ = await service.handle(ctx, body, [])
+    return reply
+
+
+async def test_service_ends_a_sealed_stream_after_the_grace_period():
+    import asyncio
+
+    from tq_loader import protocol as wire
+    from tq_loader.config import ControllerConfig
+    from tq_loader.controller.service import ControllerService
+    from tq_loader.errors import TQTimeoutError
+    from tq_loader.metadata import BatchMeta
+
+    service = ControllerService(ControllerConfig(seal_grace_s=0.2))
+    schemas = {"x": F32}
+
+    async def insert(n: int) -> bytes:
+        reply = await _call(
+            service, wire.PrepareWrite(partition_id="s", schemas=schemas, new_rows=n, insert=True)
+        )
+        return reply.global_indexes
+
+    dead = await insert(4)  # a producer that dies before it notifies
+    done = await insert(3)
+    await _call(service, wire.NotifyProduced(partition_id="s", global_indexes=done, schemas=schemas))
+    await _call(service, wire.Seal(partition_id="s"))
+    fetch = wire.GetMeta(partition_id="s", data_fields=["x"], batch_size=8, task_name="t", allow_partial=True)
+    # the complete rows cannot be served while 4 rows may still arrive: the timeout says so
+    with pytest.raises(TQTimeoutError) as excinfo:
+        await _call(service, fetch, timeout=0.0)
+    message = str(excinfo.value)
+    assert "sealed" in message and "3 rows" in message and "4 still being written" in message
+    assert "seal it" not in message and "seal the partition" not in message
+    # once the grace period passes (the loop's timer, no polling) the wait ends by itself
+    first = BatchMeta.from_wire((await asyncio.wait_for(_call(service, fetch), 30)).meta)
+    assert sorted(first.global_index_array.tolist()) == wire.ids_from_wire(done).tolist()
+    last = BatchMeta.from_wire((await _call(service, fetch)).meta)
+    assert last.is_end_of_stream and last.size == 0
+    assert last.get_extra_info("abandoned_rows") == 4
+    stats = service.statistics()
+    assert stats["abandoned_rows"] == 4
+    assert stats["partitions"]["partitions"]["s"]["abandoned_rows"] == 4
+    # the dead producer's late notify gets a typed error saying what happened
+    with pytest.raises(ClosedError, match="abandoned"):
+        await _call(service, wire.NotifyProduced(partition_id="s", global_indexes=dead, schemas=schemas))
+
+
+async def test_service_grace_timer_only_for_sealed_partitions_with_unproduced_rows():
+    from tq_loader import protocol as wire
+    from tq_loader.config import ControllerConfig
+    from tq_loader.controller.service import ControllerService
+
+    service = ControllerService(ControllerConfig(seal_grace_s=3600.0))
+    schemas = {"x": F32}
+    reply = await _call(
+        service, wire.PrepareWrite(partition_id="a", schemas=schemas, new_rows=2, insert=True)
+    )
+    await _call(
+        service, wire.NotifyProduced(partition_id="a", global_indexes=reply.global_indexes, schemas=schemas)
+    )
+    await _call(service, wire.Seal(partition_id="a"))
+    assert "a" not in service._grace_timers  # nothing can be abandoned: no timer at all
+    await _call(service, wire.PrepareWrite(partition_id="b", schemas=schemas, new_rows=2, insert=True))
+    await _call(service, wire.Seal(partition_id="b"))
+    timer = service._grace_timers["b"]
+    await _call(service, wire.Seal(partition_id="b"))  # sealing again does not restart the period
+    assert service._grace_timers["b"] is timer
+    await _call(service, wire.ClearPartition(partition_id="b"))
+    assert "b" not in service._grace_timers and timer.cancelled()
+
+
+def test_seal_grace_is_configurable_and_validated():
+    from tq_loader.config import ControllerConfig, resolve_config
+
+    assert ControllerConfig().seal_grace_s == 30.0
+    assert resolve_config({"controller": {"seal_grace_s": 1}}).controller.seal_grace_s == 1.0
+    with pytest.raises(ValueError, match="seal_grace_s"):
+        resolve_config({"controller": {"seal_grace_s": -1}})

@@ -38,6 +38,13 @@ class ControllerConfig:
     polling_mode: bool = False  # True: get_meta returns an empty batch at once instead of waiting
     round_cache: int = 4096  # rank-aware rounds kept per (partition, task) for replay/resume
     port: int = 0
+    # after a seal, rows allocated but never produced (a producer died mid-put) are dropped this
+    # many seconds later, so they cannot hold back the end of the stream (docs/reliability.md)
+    seal_grace_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.seal_grace_s >= 0:
+            raise ValueError(f"controller.seal_grace_s must be >= 0 seconds, got {self.seal_grace_s}")
 
 
 @dataclass

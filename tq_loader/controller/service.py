@@ -12,12 +12,19 @@ caller of a batch index samples ``batch_size x dp_size`` rows with the configure
 them over the data-parallel ranks and records the round in the ledger. Every caller with the same
 (partition, task, batch index) -- TP/PP ranks of one DP group, a resumed loader -- gets the same
 rows; different DP ranks get disjoint rows; all DP ranks see the same number of batches.
+
+A producer that dies between allocating rows (an insert ``PrepareWrite``) and notifying leaves rows
+that will never be produced. Once a partition is sealed they may not hold back its end: a timer on
+the event loop (no polling) fires ``controller.seal_grace_s`` after the seal and drops the rows that
+still have no produced field (``abandoned_rows`` in statistics); waiting consumers are then served
+what is complete, then end-of-stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +42,8 @@ from tq_loader.transport import RequestContext
 
 __all__ = ["ControllerService"]
 
+log = logging.getLogger(__name__)
+
 DEFAULT_TASK = "__default__"
 _MODES = ("insert", "fetch", "force_fetch")
 _RESERVED = ("dp_rank", "dp_size", "batch_index", "allow_partial", "task_name", "partition_id")
@@ -51,8 +60,12 @@ class ControllerService:
         self._changed: dict[str, asyncio.Event] = {}
         self._samplers: dict[str, BaseSampler] = {}
         self._waiting = 0
-        self._served = {"get_meta": 0, "rows_out": 0, "eos": 0, "timeouts": 0, "notifies": 0, "lost_rows": 0}
+        self._served = {
+            "get_meta": 0, "rows_out": 0, "eos": 0, "timeouts": 0, "notifies": 0, "lost_rows": 0,
+            "abandoned_rows": 0,
+        }  # fmt: skip
         self.lost_units: dict[int, str] = {}
+        self._grace_timers: dict[str, asyncio.TimerHandle] = {}  # sealed partition -> abandonment timer
         self._dispatch: dict[type, Callable[..., Any]] = {
             p.Describe: self._describe,
             p.CreatePartition: self._create_partition,
@@ -143,6 +156,7 @@ class ControllerService:
         return p.IdsReply(global_indexes=p.ids_to_wire(cleared))
 
     def _clear_partition(self, ctx: RequestContext, req: p.ClearPartition) -> p.Ok:
+        self._cancel_grace(req.partition_id)
         self.state.drop(req.partition_id, missing_ok=True)
         self.ledger.drop_partition(req.partition_id)
         for sampler in self._samplers.values():
@@ -211,9 +225,40 @@ class ControllerService:
         return p.KVListReply(partitions=out)
 
     def _seal(self, ctx: RequestContext, req: p.Seal) -> p.Ok:
-        self.state.get_or_create(req.partition_id).seal()
+        part = self.state.get_or_create(req.partition_id)
+        if not part.sealed:  # the grace period runs from the first seal
+            part.seal()
+            self._start_grace(ctx.loop, part)
         self._notify(req.partition_id)
         return p.Ok()
+
+    # ------------------------------------------------------------------ abandoned rows
+    def _start_grace(self, loop: asyncio.AbstractEventLoop, part: PartitionState) -> None:
+        """Drop ``part``'s never-produced rows ``seal_grace_s`` from now (sealed: no new rows come)."""
+        pid = part.partition_id
+        self._cancel_grace(pid)
+        if part.unproduced().size:
+            self._grace_timers[pid] = loop.call_later(self.config.seal_grace_s, self._drop_abandoned, part)
+
+    def _cancel_grace(self, partition_id: str) -> None:
+        timer = self._grace_timers.pop(partition_id, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _drop_abandoned(self, part: PartitionState) -> None:
+        pid = part.partition_id
+        self._grace_timers.pop(pid, None)
+        if pid not in self.state or self.state.get(pid) is not part:  # cleared or replaced meanwhile
+            return
+        dropped = part.drop_abandoned(part.unproduced(), self.config.seal_grace_s)
+        if dropped.size:
+            self._served["abandoned_rows"] += int(dropped.size)
+            log.warning(
+                "partition %r: dropped %d rows whose write did not complete within controller.seal_grace_s="
+                "%ss of the seal (a producer died mid-put?)",
+                pid, dropped.size, self.config.seal_grace_s,
+            )  # fmt: skip
+            self._notify(pid)
 
     def _abort(self, ctx: RequestContext, req: p.Abort) -> p.Ok:
         self.state.get_or_create(req.partition_id).abort(req.reason)
@@ -249,6 +294,9 @@ class ControllerService:
         self.state.import_state(req.state)  # validates everything before it changes anything
         self.ledger = RoundLedger(self.config.round_cache)
         for pid in dict.fromkeys([*before, *self.state.list()]):
+            self._cancel_grace(pid)
+            if pid in self.state and self.state.get(pid).sealed:  # a sealed partition's grace restarts
+                self._start_grace(ctx.loop, self.state.get(pid))
             for sampler in self._samplers.values():
                 sampler.clear_cache(pid)
             self._notify(pid)  # waiters re-check against the imported state
@@ -291,11 +339,7 @@ class ControllerService:
             remaining = ctx.remaining()
             if remaining is not None and remaining <= 0:
                 self._served["timeouts"] += 1
-                raise TQTimeoutError(
-                    f"get_meta on partition {req.partition_id!r}: fewer than {req.batch_size} rows with "
-                    f"fields {req.data_fields} became ready before the timeout; produce more rows, seal "
-                    "the partition, or pass a longer timeout"
-                )
+                raise TQTimeoutError(self._timeout_message(part, req))
             self._waiting += 1
             try:
                 await asyncio.wait_for(event.wait(), remaining)
@@ -303,6 +347,30 @@ class ControllerService:
                 pass  # loop once more: the check above raises the typed timeout
             finally:
                 self._waiting -= 1
+
+    def _timeout_message(self, part: PartitionState, req: p.GetMeta) -> str:
+        """What a timed-out get_meta waited for: rows ready/wanted, sealed or not, rows in flight."""
+        task = req.task_name or DEFAULT_TASK
+        ready = len(part.ready(req.data_fields, task))
+        wanted = req.batch_size * (max(1, req.dp_size) if req.batch_index is not None else 1)
+        pending = part.count_unconsumed(task) - ready  # rows whose fields are still being written
+        head = (
+            f"get_meta on partition {req.partition_id!r}: {ready} rows with fields {req.data_fields} ready "
+            f"for task {task!r}, {wanted} wanted, {pending} still being written"
+        )
+        if not part.sealed:
+            return f"{head}; the partition is open. Produce more rows, seal it, or pass a longer timeout"
+        unproduced = part.unproduced().size
+        abandoned = (
+            f"; {unproduced} of them have no field yet and are dropped as abandoned "
+            f"{self.config.seal_grace_s}s after the seal unless their write completes"
+            if unproduced
+            else ""
+        )
+        return (
+            f"{head}; the partition is sealed, so the stream ends once they are written{abandoned}. "
+            "Pass a longer timeout, or allow_partial=True to take a smaller last batch"
+        )
 
     def _sampler(self, name: str | None) -> BaseSampler:
         name = name or self.config.sampler
@@ -394,6 +462,8 @@ class ControllerService:
         """The empty end-of-stream batch; ``dropped_rows``: rows this task will never be served."""
         meta = self._meta(part, np.empty(0, np.int64), req.data_fields, end_of_stream=True)
         meta.set_extra_info("dropped_rows", part.count_unconsumed(task))
+        if part.abandoned_rows:
+            meta.set_extra_info("abandoned_rows", part.abandoned_rows)
         return meta
 
     def _meta(

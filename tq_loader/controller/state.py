@@ -14,6 +14,10 @@ Layout (rows are kept in ascending global-id order, ``n`` = slots in use, cleare
 
 Cleared rows stay as dead slots (their ids are never reused) until enough pile up; then the arrays are
 compacted, which is why :meth:`PartitionState.positions` are only valid until the next ``clear``.
+
+Rows whose insert write never completed (a producer died between allocating them and notifying) have
+no produced field; once the partition is sealed the service drops them after a grace period
+(:meth:`PartitionState.drop_abandoned`), so they cannot hold back the end of the stream.
 """
 
 from __future__ import annotations
@@ -64,6 +68,11 @@ class RowIdAllocator:
         return start
 
 
+def _show(ids: np.ndarray) -> str:
+    shown = ", ".join(str(int(i)) for i in ids[:_SHOW_IDS])
+    return shown + (f" and {ids.size - _SHOW_IDS} more" if ids.size > _SHOW_IDS else "")
+
+
 def _as_ids(global_ids: Any) -> np.ndarray:
     """Global ids as a flat int64 array (lists, tuples, numpy arrays; no tensors at this layer)."""
     arr = np.asarray(global_ids)
@@ -99,6 +108,8 @@ class PartitionState:
         self._tags: dict[int, dict[str, Any]] = {}
         self._key_to_id: dict[str, int] = {}
         self._id_to_key: dict[int, str] = {}
+        self._abandoned = np.empty(0, dtype=np.int64)  # ascending ids dropped by drop_abandoned
+        self._abandon_grace: float | None = None  # the grace period they were given (for messages)
 
     # ------------------------------------------------------------------ sizes and growth
     @property
@@ -194,13 +205,23 @@ class PartitionState:
         return safe, ok
 
     def positions(self, global_ids: Any) -> np.ndarray:
-        """Local slot positions of live rows (valid until the next clear, which may compact)."""
+        """Local slot positions of live rows (valid until the next clear, which may compact).
+
+        Unknown or cleared rows raise ``NotFoundError``; rows dropped as abandoned ``ClosedError``."""
         ids = _as_ids(global_ids)
         pos, ok = self._lookup(ids)
         if not ok.all():
             bad = ids[~ok]
             shown = ", ".join(str(int(i)) for i in bad[:_SHOW_IDS])
             more = f" and {bad.size - _SHOW_IDS} more" if bad.size > _SHOW_IDS else ""
+            gone = bad[np.isin(bad, self._abandoned)]
+            if gone.size:
+                raise ClosedError(
+                    f"partition {self.partition_id!r} was sealed and rows {_show(gone)} were dropped as "
+                    f"abandoned: their insert write did not complete within controller.seal_grace_s="
+                    f"{self._abandon_grace}s of the seal. Write them to a new partition, or seal only after "
+                    "every producer has finished (or raise controller.seal_grace_s)"
+                )
             raise NotFoundError(
                 f"partition {self.partition_id!r} has no live rows with global ids {shown}{more}; "
                 "they were never inserted here or were cleared. Ask get_meta for current rows"
@@ -278,6 +299,36 @@ class PartitionState:
     def seal(self) -> None:
         """No new rows from now on: consumers drain what is there and their streams end."""
         self.sealed = True
+
+    def unproduced(self) -> np.ndarray:
+        """Ascending ids of live rows with no produced field: their insert write has not completed."""
+        n = self._n
+        if not self._fields:
+            return self._ids[np.flatnonzero(self._live[:n])].copy()
+        mask = self._live[:n] & ~self._prod[:n, : len(self._fields)].any(axis=1)
+        return self._ids[np.flatnonzero(mask)].copy()
+
+    def drop_abandoned(self, global_ids: Any, grace_s: float) -> np.ndarray:
+        """Drop rows whose write never completed within ``grace_s`` of the seal; returns their ids.
+
+        Only rows still without any produced field are dropped (a write that completed meanwhile
+        keeps its row). A later write or notify naming them gets a ``ClosedError`` saying why.
+        """
+        if not self.sealed:
+            raise ClosedError(
+                f"partition {self.partition_id!r} is not sealed; only sealed partitions drop rows"
+            )
+        ids = np.intersect1d(_as_ids(global_ids), self.unproduced())
+        dropped = self.clear(ids)
+        if dropped.size:
+            self._abandoned = np.union1d(self._abandoned, dropped)
+            self._abandon_grace = grace_s
+        return dropped
+
+    @property
+    def abandoned_rows(self) -> int:
+        """Rows dropped by :meth:`drop_abandoned` (they count as cleared too)."""
+        return int(self._abandoned.size)
 
     def abort(self, reason: str) -> None:
         """Mark the partition failed: inserts are refused and consumers should fail fast with ``reason``."""
@@ -489,6 +540,7 @@ class PartitionState:
             "tasks": {task: int(np.count_nonzero(vec[:n])) for task, vec in self._consumed.items()},
             "keys": len(self._key_to_id),
             "tagged_rows": len(self._tags),
+            "abandoned_rows": self.abandoned_rows,
             "sealed": self.sealed,
             "aborted": self.aborted,
             "bytes": int(nbytes),
