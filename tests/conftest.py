@@ -76,13 +76,18 @@ def local_client() -> Iterator[Any]:
         stop_cluster()
 
 
-@pytest.fixture(scope="module", params=["local", pytest.param("ray", marks=pytest.mark.ray)])
+@pytest.fixture(scope="module", params=["local", "local-zmq", pytest.param("ray", marks=pytest.mark.ray)])
 def cluster(request: pytest.FixtureRequest) -> Iterator[ClusterHandle]:
-    """This module's cluster; a module may set ``NUM_UNITS = {"ray": 1}`` to start fewer actors."""
+    """This module's cluster, over each channel: ``local`` (embedded services called in-process),
+    ``local-zmq`` (the same services reached over ZMQ) and ``ray`` (services as Ray actors). A module
+    may set ``NUM_UNITS = {"ray": 1}`` to start fewer actors."""
     units = getattr(request.module, "NUM_UNITS", {}).get(request.param, 2)
-    if request.param == "ray":
+    placement, extra = request.param, {}
+    if placement == "ray":
         request.getfixturevalue("ray_instance")
-    handle = start_cluster(request.param, storage={"num_units": units})
+    if placement == "local-zmq":
+        placement, extra = "local", {"client": {"in_process": False}}
+    handle = start_cluster(placement, storage={"num_units": units}, **extra)
     try:
         yield handle
     finally:

@@ -19,7 +19,7 @@ def client():
 
 def test_cancelled_get_meta_consumes_nothing(client):
     waiting = lambda: tq.statistics()["controller"]["waiting_requests"]  # noqa: E731
-    future = client._thread().submit(client._core().async_get_meta(["x"], 4, "cancel", task_name="t"))
+    future = client.submit(lambda core: core.async_get_meta(["x"], 4, "cancel", task_name="t"))
     wait_until(lambda: waiting() == 1, "the get_meta to park in the controller")
     future.cancel()
     wait_until(lambda: waiting() == 0, "the controller to drop the cancelled request")

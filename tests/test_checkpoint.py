@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pickle
+import socket
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,7 +30,7 @@ from tq_loader.checkpoint import (
 )
 from tq_loader.controller.registry import ControllerState
 from tq_loader.controller.state import PartitionState, RowIdAllocator
-from tq_loader.errors import NotFoundError, ProtocolError, SchemaError, TQError
+from tq_loader.errors import CheckpointNotFoundError, NotFoundError, ProtocolError, SchemaError, TQError
 from tq_loader.schema import FieldSchema
 
 # uint16/32/64 and float8 are left out: storage units cannot store them yet (index_copy_ has no kernel).
@@ -335,9 +336,25 @@ def test_save_refuses_bad_targets_and_metadata(start: Any, tmp_path: Path) -> No
     with pytest.raises(SchemaError):
         save_checkpoint(tmp_path / "ck", {1: "non-str key"})  # type: ignore[dict-item]
     assert _listing(tmp_path) == ["mine"]
-    (tmp_path / ".ck.tq-prev-1234").mkdir()
-    with pytest.raises(NotFoundError, match="tq-prev-1234"):
+    with pytest.raises(CheckpointNotFoundError, match="does not exist") as info:
         load_checkpoint(tmp_path / "ck")
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, NotFoundError)
+
+
+def test_a_save_killed_midway_is_cleaned_up_or_rolled_back(start: Any, tmp_path: Path) -> None:
+    client = start(1)
+    client.put(TensorDict({"x": torch.arange(4.0)}, batch_size=[4]), partition_id="p")
+    save_checkpoint(tmp_path / "ck", {"step": 1})
+    dead = 2**22 + 12345  # above pid_max: no such process
+    host = socket.gethostname().replace("-", "_")
+    stale_tmp = tmp_path / f".ck.tq-tmp-{host}-{dead}-abc"  # what a SIGKILLed save leaves
+    (stale_tmp / "sub").mkdir(parents=True)
+    save_checkpoint(tmp_path / "ck", {"step": 2})
+    assert not stale_tmp.exists() and _listing(tmp_path) == ["ck"]
+    # killed between moving the old checkpoint aside and renaming the new one in: the old one is back
+    os.rename(tmp_path / "ck", tmp_path / f".ck.tq-prev-{host}-{dead}-1234")
+    assert load_checkpoint(tmp_path / "ck") == {"step": 2}
+    assert _listing(tmp_path) == ["ck"]
 
 
 # --------------------------------------------------------------------------- corrupt / tampered files

@@ -11,21 +11,30 @@ import pytest
 import torch
 from tensordict import NonTensorStack, TensorDict
 
+from tq_loader import protocol as p
+from tq_loader.batch import prepare_batch
 from tq_loader.config import StorageConfig
 from tq_loader.errors import NotFoundError, SchemaError, TQConnectionError
 from tq_loader.metadata import BatchMeta, schema_of
-from tq_loader.schema import FieldSchema
 from tq_loader.storage import (
+    BackendInfo,
     SimpleStorageManager,
-    SimpleStorageUnit,
     StorageManager,
-    StorageUnitService,
     make_storage_manager,
     register_storage_manager,
     registered_storage_managers,
 )
+from tq_loader.storage.service import StorageUnitService
+from tq_loader.storage.unit import SimpleStorageUnit
 from tq_loader.striping import DEFAULT_STRIPE_ROWS, unit_of
 from tq_loader.transport import Connection, Server
+
+
+def info(addresses: list[str], connect: Any, stripe_rows: int) -> BackendInfo:
+    cluster = p.ClusterInfo(
+        controller="", storage_units=addresses, config={"storage": {"stripe_rows": stripe_rows}}
+    )
+    return BackendInfo(cluster, connect)
 
 
 @dataclass
@@ -34,7 +43,6 @@ class Cluster:
     servers: list[Server]
     conns: dict[str, Connection] = field(default_factory=dict)
     stripe_rows: int = 2  # small blocks: the tests' small batches still spread over every unit
-    notified: list[tuple[str, list[int], dict[str, FieldSchema], list[int]]] = field(default_factory=list)
 
     @property
     def addresses(self) -> list[str]:
@@ -45,14 +53,13 @@ class Cluster:
             self.conns[address] = Connection(address, connect_timeout=5.0)
         return self.conns[address]
 
-    async def notify(self, pid: str, ids: np.ndarray, schemas: dict[str, FieldSchema]) -> None:
-        # rows not yet stored in their unit when notify runs = a broken "after every ack" guarantee
-        units = unit_of(ids, len(self.units), self.stripe_rows)
-        missing = [int(i) for i, u in zip(ids, units, strict=True) if self.units[u].new_row_count(pid, [i])]
-        self.notified.append((pid, ids.tolist(), dict(schemas), missing))
+    def manager(self, stripe_rows: int | None = None) -> SimpleStorageManager:
+        return SimpleStorageManager(info(self.addresses, self.connect, stripe_rows or self.stripe_rows))
 
-    def manager(self) -> SimpleStorageManager:
-        return SimpleStorageManager(self.addresses, self.connect, self.notify, stripe_rows=self.stripe_rows)
+
+async def put(manager: StorageManager, data: Any, meta: BatchMeta) -> None:
+    """What the client core hands a manager: one prepared batch."""
+    await manager.put_data(prepare_batch(data), meta)
 
 
 @pytest.fixture
@@ -119,7 +126,7 @@ async def test_round_trip_mixed_rows_striped_and_reassembled(cluster: Cluster) -
     td.set("text", NonTensorStack(*data["text"]))
     td.set("images", torch.nested.nested_tensor(data["images"]))
     manager = cluster.manager()
-    await manager.put_data(td, meta_for(ids, data))
+    await put(manager, td, meta_for(ids, data))
     assert [u.rows for u in cluster.units] == [4, 4, 3]  # striped in blocks of 2 ids over 3 units
     assert [u.rows for u in cluster.units] == np.bincount(unit_of(ids, 3, 2), minlength=3).tolist()
     order = np.random.default_rng(1).permutation(n)
@@ -141,30 +148,24 @@ async def test_round_trip_mixed_rows_striped_and_reassembled(cluster: Cluster) -
     await manager.close()
 
 
-async def test_notify_once_after_every_unit_acknowledged(cluster: Cluster) -> None:
+async def test_a_refused_put_stores_nothing_in_any_unit(cluster: Cluster) -> None:
     manager = cluster.manager()
     data = {"x": torch.arange(6.0)}
-    await manager.put_data(data, meta_for([0, 1, 2, 3, 4, 5], data))
-    assert len(cluster.notified) == 1
-    pid, ids, schemas, missing = cluster.notified[0]
-    assert (pid, ids, missing) == ("p", [0, 1, 2, 3, 4, 5], [])
-    assert schemas == {"x": FieldSchema("float32", ())}
-    # a put to a unit that fails never notifies
-    with pytest.raises(SchemaError):
-        await manager.put_data({"x": torch.arange(3)}, meta_for([0, 1, 2]))
-    assert len(cluster.notified) == 1
+    await put(manager, data, meta_for([0, 1, 2, 3, 4, 5], data))
+    with pytest.raises(SchemaError):  # a dtype conflict in the units: nothing of this put is kept
+        await put(manager, {"x": torch.arange(3)}, meta_for([0, 1, 2]))
+    out = await manager.get_data(meta_for([0, 1, 2], data))
+    assert out.get("x").tolist() == [0.0, 1.0, 2.0]
 
 
 async def test_partial_field_updates_and_missing_field(cluster: Cluster) -> None:
     manager = cluster.manager()
-    await manager.put_data({"prompt": ["a", "b", "c", "d"]}, meta_for([0, 1, 2, 3]))
+    await put(manager, {"prompt": ["a", "b", "c", "d"]}, meta_for([0, 1, 2, 3]))
     resp = torch.nested.as_nested_tensor([torch.ones(2), torch.ones(5)], layout=torch.jagged)
-    await manager.put_data({"response": resp}, meta_for([2, 0]))  # adds a field to existing rows
+    await put(manager, {"response": resp}, meta_for([2, 0]))  # adds a field to existing rows
     out = await manager.get_data(meta_for([0, 2]), ["prompt", "response"])
     assert out.get("prompt").tolist() == ["a", "c"]
     assert [t.numel() for t in out.get("response").unbind()] == [5, 2]
-    assert [n[1] for n in cluster.notified] == [[0, 1, 2, 3], [2, 0]]
-    assert set(cluster.notified[1][2]) == {"response"}  # only the written field is marked produced
     with pytest.raises(NotFoundError, match=r"field 'response'.*\[1\]"):
         await manager.get_data(meta_for([0, 1, 2]), ["response"])
 
@@ -172,7 +173,7 @@ async def test_partial_field_updates_and_missing_field(cluster: Cluster) -> None
 async def test_nested_schema_stays_jagged_when_selected_rows_share_a_shape(cluster: Cluster) -> None:
     manager = cluster.manager()
     data = {"x": [torch.ones(2), torch.ones(3), torch.ones(2)]}
-    await manager.put_data(data, meta_for([0, 1, 2], {"x": data["x"]}))
+    await put(manager, data, meta_for([0, 1, 2], {"x": data["x"]}))
     meta = meta_for([0, 2], {"x": data["x"]})
     assert meta.field_schema["x"].is_nested
     out = await manager.get_data(meta)
@@ -182,8 +183,8 @@ async def test_nested_schema_stays_jagged_when_selected_rows_share_a_shape(clust
 async def test_clear_data_clear_partition_and_statistics(cluster: Cluster) -> None:
     manager = cluster.manager()
     data = {"x": torch.arange(6)}
-    await manager.put_data(data, meta_for(list(range(6)), data))
-    await manager.put_data(data, meta_for(list(range(6)), data, pid="q"))
+    await put(manager, data, meta_for(list(range(6)), data))
+    await put(manager, data, meta_for(list(range(6)), data, pid="q"))
     await manager.clear_data(meta_for([0, 4, 5]))
     await manager.clear_data(meta_for([0, 4, 5]))  # idempotent
     out = await manager.get_data(meta_for([3, 1, 2], data))
@@ -209,30 +210,28 @@ async def test_unreachable_unit_is_a_connection_error_naming_it(cluster: Cluster
     await dead.close()  # nothing listens there any more
     conn = Connection(address, connect_timeout=0.3)
     manager = SimpleStorageManager(
-        [cluster.addresses[0], address], lambda a: conn if a == address else cluster.connect(a), stripe_rows=2
+        info([cluster.addresses[0], address], lambda a: conn if a == address else cluster.connect(a), 2)
     )
     try:
         with pytest.raises(TQConnectionError, match=f"storage unit 1 \\({address}\\)"):
-            await manager.put_data({"x": torch.arange(4)}, meta_for([0, 1, 2, 3]))
+            await put(manager, {"x": torch.arange(4)}, meta_for([0, 1, 2, 3]))
     finally:
         await conn.close()
 
 
 async def test_registry(cluster: Cluster) -> None:
-    manager = make_storage_manager(
-        "simple", unit_addresses=cluster.addresses, connect=cluster.connect, notify=None
-    )
+    manager = make_storage_manager("simple", info(cluster.addresses, cluster.connect, 2))
     assert isinstance(manager, SimpleStorageManager) and "simple" in registered_storage_managers()
     with pytest.raises(NotFoundError, match="register_storage_manager"):
-        make_storage_manager("nope")
+        make_storage_manager("nope", info(cluster.addresses, cluster.connect, 2))
 
     class Fake(SimpleStorageManager):
         pass
 
     register_storage_manager("Fake", Fake)
-    assert isinstance(make_storage_manager("fake", unit_addresses=["x"], connect=cluster.connect), Fake)
+    assert isinstance(make_storage_manager("fake", info(["x"], cluster.connect, 2)), Fake)
     with pytest.raises(TypeError):
-        register_storage_manager("bad", dict)  # type: ignore[arg-type]
+        register_storage_manager("bad", 3)  # type: ignore[arg-type]
     assert issubclass(Fake, StorageManager)
 
 
@@ -253,13 +252,10 @@ def test_unit_of_stripes_blocks_round_robin() -> None:
 
 
 async def test_stripe_rows_from_config_and_large_batches_round_trip(cluster: Cluster) -> None:
-    manager = SimpleStorageManager(
-        cluster.addresses, cluster.connect, cluster.notify, config={"storage": {"stripe_rows": 8}}
-    )
-    cluster.stripe_rows = 8
+    manager = cluster.manager(stripe_rows=8)
     assert manager.stripe_rows == 8 and (await manager.statistics())["stripe_rows"] == 8
     with pytest.raises(ValueError, match="stripe_rows"):
-        SimpleStorageManager(cluster.addresses, cluster.connect, config={"storage": {"stripe_rows": 0}})
+        SimpleStorageManager(info(cluster.addresses, cluster.connect, 0))
     g = torch.Generator().manual_seed(3)
     n, ids = 300, np.arange(5, 305)  # starts mid-block: first and last runs are partial
     lens = torch.randint(0, 50, (n,), generator=g)
@@ -273,9 +269,8 @@ async def test_stripe_rows_from_config_and_large_batches_round_trip(cluster: Clu
             [torch.randn(int(k), 3, generator=g) for k in lens], layout=torch.jagged
         ),
     }
-    await manager.put_data(data, meta_for(ids.tolist(), data))
+    await put(manager, data, meta_for(ids.tolist(), data))
     assert [u.rows for u in cluster.units] == np.bincount(unit_of(ids, 3, 8), minlength=3).tolist()
-    assert cluster.notified[-1][3] == []  # every row was stored in its unit before the notify
     for order in (np.arange(n), np.random.default_rng(0).permutation(n), np.arange(n)[::-1][:77]):
         out = await manager.get_data(meta_for(ids[order].tolist(), data))
         for name, value in data.items():

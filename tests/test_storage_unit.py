@@ -15,7 +15,8 @@ from tq_loader.codec import decode_columns, encode_columns
 from tq_loader.errors import CapacityError, NotFoundError, ProtocolError, SchemaError
 from tq_loader.schema import FieldSchema
 from tq_loader.storage.columns import assemble, ragged_range, take_rows, target_kind
-from tq_loader.storage.service import StorageUnitService, decode_export
+from tq_loader.storage.export import decode_export
+from tq_loader.storage.service import StorageUnitService
 from tq_loader.storage.unit import SimpleStorageUnit, _IdIndex
 from tq_loader.transport import RequestContext
 

@@ -100,7 +100,7 @@ def _attach(address: str, auth_token: str | None) -> TQConfig:
 
 
 def _reconfigure(client: Client, config: TQConfig, auth_token: str | None) -> Client:
-    if config.client == client._config:
+    if config.client == client.config:
         return client
     client.close()
     return Client(client.controller_address, config=config.client, auth_token=auth_token)

@@ -35,8 +35,10 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,15 +48,23 @@ import msgspec
 import numpy as np
 import torch
 
+from tq_loader.batch import PreparedBatch
 from tq_loader.client import AsyncClient, Client
 from tq_loader.codec import ColumnSpec, column_length, decode_columns, encode_columns
 from tq_loader.codec_objects import decode_objects, encode_objects
 from tq_loader.controller.registry import ControllerState
-from tq_loader.errors import NotFoundError, ProtocolError, SchemaError, TQError
-from tq_loader.metadata import BatchMeta
+from tq_loader.errors import (
+    ArgumentError,
+    CheckpointNotFoundError,
+    NotFoundError,
+    ProtocolError,
+    SchemaError,
+    TQError,
+)
+from tq_loader.metadata import BatchMeta, schema_of
 from tq_loader.schema import FieldSchema
+from tq_loader.storage import SimpleStorageManager
 from tq_loader.storage.columns import take_rows
-from tq_loader.storage.manager import SimpleStorageManager
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -70,6 +80,7 @@ CHECKPOINT_VERSION = 1
 MANIFEST, STATE_FILE, DATA_FILE = "manifest.json", "state.msgpack", "data.safetensors"
 _CHUNKS_KEY = "tq_loader.chunks"
 _HASH_BLOCK = 8 << 20
+_HOST = socket.gethostname().replace("-", "_")
 
 AnyClient = Client | AsyncClient
 
@@ -113,47 +124,70 @@ class _Chunk:
 
 
 def save_checkpoint(
-    path: str | os.PathLike[str],
+    checkpoint_dir: str | os.PathLike[str],
     metadata: Mapping[str, Any] | None = None,
     *,
+    include_storage: bool = True,
     client: AnyClient | None = None,
 ) -> str:
-    """Write the cluster's controller state and stored rows to directory ``path``; returns its path.
+    """Write the cluster's controller state and stored rows to directory ``checkpoint_dir``; returns
+    its path.
 
     ``metadata``: a dict of plain values (numbers, str, bytes, lists, dicts, numeric numpy arrays)
-    returned by :func:`load_checkpoint`. ``client``: default ``tq_loader.api.get_client()``.
+    returned by :func:`load_checkpoint`. ``include_storage=False`` is accepted for TransferQueue code
+    but has no effect: the built-in storage is in memory, so its rows are always saved (a warning
+    says so). ``client``: default ``tq_loader.api.get_client()``.
     """
+    _warn_include_storage(include_storage)
     packed = _pack_metadata(metadata)
     state, chunks = _run(_client(client), _collect)
-    return str(_write_checkpoint(Path(path), state, chunks, packed))
+    return str(_write_checkpoint(Path(checkpoint_dir), state, chunks, packed))
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, client: AnyClient | None = None) -> dict[str, Any]:
-    """Replace the cluster's contents with checkpoint ``path``; returns the saved ``metadata`` dict."""
-    state, chunks, metadata = _read_checkpoint(Path(path))
+def load_checkpoint(
+    checkpoint_dir: str | os.PathLike[str], *, client: AnyClient | None = None
+) -> dict[str, Any]:
+    """Replace the cluster's contents with checkpoint ``checkpoint_dir``; returns the saved ``metadata``.
+
+    A missing checkpoint raises :class:`~tq_loader.errors.CheckpointNotFoundError` (a
+    ``FileNotFoundError``); a damaged one ``ProtocolError`` -- in both cases before the cluster is touched.
+    """
+    state, chunks, metadata = _read_checkpoint(Path(checkpoint_dir))
     _run(_client(client), lambda core: _apply(core, state, chunks))
     return metadata
 
 
 async def async_save_checkpoint(
-    path: str | os.PathLike[str],
+    checkpoint_dir: str | os.PathLike[str],
     metadata: Mapping[str, Any] | None = None,
     *,
+    include_storage: bool = True,
     client: AnyClient | None = None,
 ) -> str:
     """:func:`save_checkpoint` for async code (file I/O on a worker thread)."""
+    _warn_include_storage(include_storage)
     packed = _pack_metadata(metadata)
     state, chunks = await _arun(_client(client), _collect)
-    return str(await asyncio.to_thread(_write_checkpoint, Path(path), state, chunks, packed))
+    return str(await asyncio.to_thread(_write_checkpoint, Path(checkpoint_dir), state, chunks, packed))
 
 
 async def async_load_checkpoint(
-    path: str | os.PathLike[str], *, client: AnyClient | None = None
+    checkpoint_dir: str | os.PathLike[str], *, client: AnyClient | None = None
 ) -> dict[str, Any]:
     """:func:`load_checkpoint` for async code (file I/O on a worker thread)."""
-    state, chunks, metadata = await asyncio.to_thread(_read_checkpoint, Path(path))
+    state, chunks, metadata = await asyncio.to_thread(_read_checkpoint, Path(checkpoint_dir))
     await _arun(_client(client), lambda core: _apply(core, state, chunks))
     return metadata
+
+
+def _warn_include_storage(include_storage: bool) -> None:
+    if not include_storage:
+        warnings.warn(
+            "save_checkpoint(include_storage=False) has no effect with the built-in storage: its rows live "
+            "in memory and are always saved (drop the argument to silence this)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 # --------------------------------------------------------------------------- talking to the cluster
@@ -168,16 +202,16 @@ def _client(client: AnyClient | None) -> AnyClient:
 
 
 def _run(client: AnyClient, fn: Any) -> Any:
-    """Run ``fn(async_client)`` where that client's sockets live (the sync client's loop thread)."""
+    """Run ``fn(async_client)`` on the sync client's loop (one hop for the whole operation)."""
     if isinstance(client, AsyncClient):
-        raise TypeError("an AsyncClient belongs to an event loop: use async_save/async_load_checkpoint")
-    return client._run(fn(client._core()))
+        raise ArgumentError("an AsyncClient belongs to an event loop: use async_save/async_load_checkpoint")
+    return client.run(fn)
 
 
 async def _arun(client: AnyClient, fn: Any) -> Any:
     if isinstance(client, AsyncClient):
         return await fn(client)
-    return await asyncio.wrap_future(client._thread().submit(fn(client._core())))
+    return await asyncio.wrap_future(client.submit(fn))
 
 
 async def _simple_storage(core: AsyncClient) -> SimpleStorageManager:
@@ -227,8 +261,9 @@ async def _apply(core: AsyncClient, state: dict[str, Any], chunks: list[_Chunk])
             for c in group
             if c.name in schemas[pid]
         }
-        meta = BatchMeta(ids, np.full(ids.size, pid, dtype=object))
-        await storage.put_data({c.name: c.value for c in group}, meta, known, notify=False)
+        columns = {c.name: c.value for c in group}
+        put = {name: known[name] if name in known else schema_of(v, name) for name, v in columns.items()}
+        await storage.put_data(PreparedBatch(ids.size, columns, put), BatchMeta(ids, pid))
     await core.async_import_state(state)
 
 
@@ -302,8 +337,9 @@ def _check_replaceable(target: Path) -> None:
 def _write_checkpoint(target: Path, state: dict[str, Any], chunks: list[_Chunk], metadata: bytes) -> Path:
     target = target.absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(target)
     _check_replaceable(target)
-    tmp = target.with_name(f".{target.name}.tq-tmp-{uuid.uuid4().hex}")
+    tmp = target.with_name(f".{target.name}.tq-tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
     tmp.mkdir()  # not mkdtemp: the checkpoint keeps the umask's permissions, not 0700
     try:
         blob = msgspec.msgpack.encode(_StateFile(CHECKPOINT_FORMAT, CHECKPOINT_VERSION, state, metadata))
@@ -325,11 +361,53 @@ def _write_checkpoint(target: Path, state: dict[str, Any], chunks: list[_Chunk],
     return target
 
 
+def _owner_alive(path: Path) -> bool:
+    """Whether the save that made ``path`` (``...-<host>-<pid>-<id>``) may still be running."""
+    parts = path.name.rsplit("-", 3)
+    if len(parts) != 4 or not parts[2].isdigit():
+        return False  # not a name this version writes: a leftover
+    if parts[1] != _HOST:
+        return True  # another host's save (a shared filesystem): never touch it
+    pid = int(parts[2])
+    if pid == os.getpid():
+        return True  # a save of this process, maybe on another thread
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(target: Path) -> list[Path]:
+    """Remove what saves killed midway left beside ``target``: temporary directories of dead savers,
+    and a previous checkpoint kept aside (restored first if the save died before the new one was in
+    place). Returns what was removed or restored."""
+    target = target.absolute()
+    done: list[Path] = []
+    if not target.parent.is_dir():
+        return done
+    for leftover in sorted(target.parent.glob(f".{target.name}.tq-prev-*")):
+        if _owner_alive(leftover):
+            continue
+        if not target.exists():
+            os.rename(leftover, target)  # the old checkpoint was moved aside and the new one never came
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+        done.append(leftover)
+    for leftover in target.parent.glob(f".{target.name}.tq-tmp-*"):
+        if not _owner_alive(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
+            done.append(leftover)
+    return done
+
+
 def _replace(tmp: Path, target: Path) -> None:
     """Rename the complete ``tmp`` to ``target``; an old checkpoint there is removed only afterwards."""
     prev = None
     if target.exists():
-        prev = target.with_name(f".{target.name}.tq-prev-{uuid.uuid4().hex[:8]}")
+        prev = target.with_name(f".{target.name}.tq-prev-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.rename(target, prev)
     try:
         os.rename(tmp, target)
@@ -351,13 +429,10 @@ def _corrupt(target: Path, what: str) -> ProtocolError:
 
 def _read_manifest(target: Path) -> _Manifest:
     if not (target / MANIFEST).is_file():
-        leftovers = sorted(target.parent.glob(f".{target.name}.tq-prev-*"))
-        hint = (
-            f"; a save was interrupted and left the previous checkpoint at {leftovers[-1]}"
-            if leftovers
-            else ""
+        what = "does not exist" if not target.exists() else f"has no {MANIFEST}"
+        raise CheckpointNotFoundError(
+            f"no checkpoint at {target} ({what}); save one with tq.save_checkpoint()"
         )
-        raise NotFoundError(f"no checkpoint at {target} (no {MANIFEST}){hint}")
     try:
         manifest = msgspec.json.decode((target / MANIFEST).read_bytes(), type=_Manifest)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
@@ -429,6 +504,7 @@ def _read_chunks(target: Path, scratch: ControllerState) -> list[_Chunk]:
 def _read_checkpoint(target: Path) -> tuple[dict[str, Any], list[_Chunk], dict[str, Any]]:
     """Everything a load needs, fully validated before any cluster is touched."""
     target = target.absolute()
+    clean_stale(target)
     _read_manifest(target)
     state, scratch, metadata = _read_state(target)
     return state, _read_chunks(target, scratch), metadata

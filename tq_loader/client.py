@@ -1,49 +1,95 @@
 """Clients of a tq_loader cluster: :class:`AsyncClient` (the one implementation) and :class:`Client`.
 
-``Client`` is a thin sync facade: it runs ``AsyncClient`` coroutines on one private event-loop
-thread, so it works from plain threads, DataLoader workers and inside a running loop (Jupyter).
-Each sync method ``x`` has an ``async_x`` twin, as in TransferQueue's ``TransferQueueClient``.
-One client is safe to use from several threads at once (all socket I/O happens on its loop).
+``AsyncClient`` owns the rules that make the data plane correct, once for every storage backend:
 
-Data never passes through the controller: ``put`` asks the controller to validate schemas (and
-allocate rows), writes the columns straight to the storage units, and only then notifies the
-controller, which is what makes the rows ready for consumers.
+* **readiness** -- a put stores its columns through the backend's :class:`StorageManager`, and only
+  after the backend acknowledged every byte does the client tell the controller
+  (``NotifyProduced``), which is what makes the rows visible to consumers;
+* **lost rows** -- rows a backend reports gone (:class:`StorageLost`) are reported to the
+  controller, which drops them so they are never served, and the caller gets a ``DataLostError``;
+* **arguments** are checked before anything is sent (:mod:`tq_loader.args`), so a wrong type fails
+  at once with an ``ArgumentError`` naming the argument instead of waiting for a timeout.
+
+Requests go through a :class:`~tq_loader.channel.Channel` per service: in-process services (the
+embedded placement) are called directly (:class:`~tq_loader.channel.LocalChannel`), others over ZMQ.
+
+``Client`` is the sync facade: it runs ``AsyncClient`` coroutines on one event-loop thread (shared
+with the embedded services of this process), so it works from plain threads, DataLoader workers and
+inside a running loop (Jupyter). Each sync method ``x`` has an ``async_x`` twin, as in
+TransferQueue's ``TransferQueueClient``; both carry the real signature. Code that needs several
+calls in a row without a thread hop each runs a coroutine of the ``AsyncClient`` with
+:meth:`Client.run` / :meth:`Client.submit`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import logging
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 import torch
 from tensordict import TensorDict
 
+from tq_loader import args
 from tq_loader import protocol as p
-from tq_loader.codec import batch_length
+from tq_loader.batch import PreparedBatch, prepare_batch
+from tq_loader.channel import Channel, LocalChannel, find_local
 from tq_loader.config import ClientConfig
-from tq_loader.errors import ClosedError, SchemaError, TQError
-from tq_loader.loop import LoopThread
-from tq_loader.metadata import BatchMeta, schema_of
+from tq_loader.errors import ArgumentError, ClosedError, DataLostError, NotFoundError, SchemaError, TQError
+from tq_loader.loop import LoopThread, shared_loop
+from tq_loader.metadata import BatchMeta
 from tq_loader.schema import FieldSchema
-from tq_loader.storage.manager import StorageManager, make_storage_manager
+from tq_loader.storage import BackendInfo, StorageLost, StorageManager, make_storage_manager
 from tq_loader.transport import Connection
 
 __all__ = ["DEFAULT_TIMEOUT", "AsyncClient", "Client", "TransferQueueClient"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+_MODES = ("fetch", "force_fetch", "insert")
 
 
 class _Default:
     """Marks "use the configured request timeout" (``None`` already means "wait forever")."""
 
+    def __repr__(self) -> str:
+        return "DEFAULT_TIMEOUT"
+
 
 DEFAULT_TIMEOUT = _Default()
 
 log = logging.getLogger(__name__)
+
+
+def _with_fields(meta: BatchMeta, schemas: Mapping[str, FieldSchema]) -> BatchMeta:
+    """A copy of ``meta`` whose rows carry ``schemas`` too and are ready (what a put returns)."""
+    out = BatchMeta(
+        meta.global_index_array,
+        meta.partition_id_array,
+        {**meta.field_schema, **schemas},
+        np.ones(meta.size, np.int8),
+        meta.get_all_extra_info(),
+        None if not any(meta.get_all_custom_meta()) else meta.get_all_custom_meta(),
+        end_of_stream=meta.is_end_of_stream,
+    )
+    return out
+
+
+def _single_partition(meta: BatchMeta, what: str) -> str:
+    pids = meta.partition_id_array
+    if meta.size and not (pids == pids[0]).all():
+        raise SchemaError(
+            f"{what} of one batch into several partitions {sorted(set(pids.tolist()))}: "
+            "split it with meta.chunk_by_partition() first"
+        )
+    return str(pids[0])
 
 
 class AsyncClient:
@@ -52,10 +98,10 @@ class AsyncClient:
     def __init__(
         self, controller_address: str, *, config: ClientConfig | None = None, auth_token: str | None = None
     ) -> None:
-        self.controller_address = controller_address
+        self.controller_address = args.name("controller_address", controller_address)
         self.config = config or ClientConfig()
         self._token = auth_token
-        self._conns: dict[str, Connection] = {}
+        self._channels: dict[str, Channel] = {}
         self._storage: StorageManager | None = None
         self._cluster: p.ClusterInfo | None = None
         self._setup_lock: asyncio.Lock | None = None
@@ -63,18 +109,23 @@ class AsyncClient:
         self._stats_time = {"put_s": 0.0, "get_s": 0.0, "get_meta_wait_s": 0.0}
 
     # ------------------------------------------------------------------ plumbing
-    def _conn(self, address: str) -> Connection:
-        conn = self._conns.get(address)
-        if conn is None:
-            conn = self._conns[address] = Connection(
-                address, auth_token=self._token, connect_timeout=self.config.connect_timeout
-            )
-        return conn
+    def channel(self, address: str) -> Channel:
+        """The channel to the service at ``address`` (in-process when this process hosts it)."""
+        channel = self._channels.get(address)
+        if channel is None:
+            if self.config.in_process and find_local(address) is not None:
+                channel = LocalChannel(address)
+            else:
+                channel = Connection(
+                    address, auth_token=self._token, connect_timeout=self.config.connect_timeout
+                )
+            self._channels[address] = channel
+        return channel
 
     async def _call(self, body: Any, *, timeout: float | _Default | None = DEFAULT_TIMEOUT) -> Any:
         """One controller request; ``timeout`` defaults to ``client.request_timeout`` (None = wait)."""
         t = self.config.request_timeout if isinstance(timeout, _Default) else timeout
-        reply, _ = await self._conn(self.controller_address).request(body, timeout=t)
+        reply, _ = await self.channel(self.controller_address).request(body, timeout=t)
         return reply
 
     async def storage(self) -> StorageManager:
@@ -87,25 +138,36 @@ class AsyncClient:
                     info: p.ClusterInfo = await self._call(p.Describe())
                     self._cluster = info
                     self._storage = make_storage_manager(
-                        info.storage_backend,
-                        unit_addresses=list(info.storage_units),
-                        connect=self._conn,
-                        notify=self._notify_produced,
-                        on_unit_lost=self._unit_lost,
-                        config=info.config,
+                        info.storage_backend, BackendInfo(info, self.channel)
                     )
         return self._storage
 
-    async def _notify_produced(self, pid: str, ids: np.ndarray, schemas: dict[str, FieldSchema]) -> None:
-        await self._call(
-            p.NotifyProduced(partition_id=pid, global_indexes=p.ids_to_wire(ids), schemas=schemas)
+    async def _report_lost(self, lost: StorageLost) -> DataLostError:
+        """Tell the controller which rows a backend lost; the error to raise to the caller."""
+        dropped = 0
+        if lost.unit is not None:
+            reply: p.StatsReply = await self._call(
+                p.ReportLost(
+                    unit=lost.unit, num_units=lost.num_units, reason=str(lost), stripe_rows=lost.stripe_rows
+                )
+            )
+            dropped += int(reply.stats["lost_rows"])
+        for pid, ids in lost.rows:
+            reply_ids: p.IdsReply = await self._call(
+                p.ClearSamples(partition_id=pid, global_indexes=p.ids_to_wire(ids))
+            )
+            dropped += len(p.ids_from_wire(reply_ids.global_indexes))
+        return DataLostError(
+            f"{lost}; its rows are lost -- {dropped} row(s) were removed from the controller and will "
+            "not be served again. Re-produce them if needed"
         )
 
-    async def _unit_lost(self, unit: int, num_units: int, reason: str, stripe_rows: int = 1) -> int:
-        reply: p.StatsReply = await self._call(
-            p.ReportLost(unit=unit, num_units=num_units, reason=reason, stripe_rows=stripe_rows)
-        )
-        return int(reply.stats["lost_rows"])
+    async def _stored(self, coro: Awaitable[R]) -> R:
+        """Await a storage call; a backend's lost rows are reported before the error reaches the caller."""
+        try:
+            return await coro
+        except StorageLost as lost:
+            raise await self._report_lost(lost) from lost
 
     async def async_describe(self) -> p.ClusterInfo:
         await self.storage()
@@ -129,26 +191,36 @@ class AsyncClient:
         dp_size: int = 1,
         batch_index: int | None = None,
     ) -> BatchMeta:
-        """Rows of ``partition_id`` whose ``data_fields`` are ready; waits server-side (see DESIGN.md)."""
-        fields = [data_fields] if isinstance(data_fields, str) else list(data_fields)
-        cfg = dict(sampling_config or {})
+        """Rows of ``partition_id`` whose ``data_fields`` are ready; waits server-side (up to ``timeout``
+        seconds, ``None`` = until rows come, the partition is sealed and drained, or it is aborted)."""
+        fields = args.names("data_fields", data_fields)
+        cfg = args.plain_mapping("sampling_config", sampling_config)
         dp_rank = cfg.pop("dp_rank", dp_rank)
-        dp_size = int(cfg.pop("dp_size", dp_size))
+        dp_size = cfg.pop("dp_size", dp_size)
         batch_index = cfg.pop("batch_index", batch_index)
         sampler = cfg.pop("sampler", sampler)
         req = p.GetMeta(
-            partition_id=partition_id, data_fields=fields, batch_size=int(batch_size), mode=mode,
-            task_name=task_name, sampler=sampler, sampling_config=cfg, allow_partial=allow_partial,
-            dp_rank=dp_rank, dp_size=dp_size, batch_index=batch_index,
-        )  # fmt: skip
+            partition_id=args.name("partition_id", partition_id),
+            data_fields=fields,
+            batch_size=args.count("batch_size", batch_size),
+            mode=args.choice("mode", mode, _MODES),
+            task_name=args.optional_name("task_name", task_name),
+            sampler=args.optional_name("sampler", sampler),
+            sampling_config=cfg,
+            allow_partial=bool(allow_partial),
+            dp_rank=None if dp_rank is None else args.count("dp_rank", dp_rank),
+            dp_size=args.count("dp_size", dp_size, minimum=1),
+            batch_index=None if batch_index is None else args.count("batch_index", batch_index),
+        )
+        wait = args.timeout("timeout", timeout)
         started = time.monotonic()
-        reply: p.MetaReply = await self._call(req, timeout=timeout)
+        reply: p.MetaReply = await self._call(req, timeout=wait)
         self._stats["get_meta_calls"] += 1
         self._stats_time["get_meta_wait_s"] += time.monotonic() - started
         return BatchMeta.from_wire(reply.meta)
 
     async def async_create_partition(self, partition_id: str) -> None:
-        await self._call(p.CreatePartition(partition_id=partition_id))
+        await self._call(p.CreatePartition(partition_id=args.name("partition_id", partition_id)))
 
     async def async_get_partition_list(self) -> list[str]:
         reply: p.NamesReply = await self._call(p.ListPartitions())
@@ -156,15 +228,13 @@ class AsyncClient:
 
     async def async_set_custom_meta(self, metadata: BatchMeta) -> None:
         """Store ``metadata``'s per-row custom meta (tags) in the controller."""
+        _check_meta("metadata", metadata)
         for part in metadata.chunk_by_partition():
-            tags = part.get_all_custom_meta()
-            rows = [tags.get(int(i), {}) if isinstance(tags, dict) else tags[k] for k, i in
-                    enumerate(part.global_index_array)]  # fmt: skip
             await self._call(
                 p.SetTags(
                     partition_id=str(part.partition_id_array[0]),
                     global_indexes=p.ids_to_wire(part.global_index_array),
-                    tags=rows,
+                    tags=part.get_all_custom_meta(),
                 )
             )
 
@@ -175,79 +245,89 @@ class AsyncClient:
         metadata: BatchMeta | None = None,
         partition_id: str | None = None,
     ) -> BatchMeta:
-        """Write columns. Without ``metadata`` new rows are inserted into ``partition_id``."""
+        """Write columns. Without ``metadata`` new rows are inserted into ``partition_id``.
+
+        The rows become visible to consumers once every byte is stored; the returned BatchMeta
+        names the rows and carries the schema of every field written.
+        """
         started = time.monotonic()
-        n = batch_length(data)
-        schemas = {name: schema_of(value) for name, value in data.items()}
-        if n == 0 and (metadata is None or metadata.size == 0):  # an empty batch is no error: no rows
-            if metadata is None and partition_id is not None:
-                await self._call(p.CreatePartition(partition_id=partition_id))
-                return BatchMeta.empty()
-            if metadata is not None:
-                return metadata.copy()
+        batch = prepare_batch(data)
         if metadata is None:
             if partition_id is None:
-                raise ValueError(
+                raise ArgumentError(
                     "put() needs either metadata (rows to write) or partition_id (to insert rows)"
                 )
-            reply: p.WriteReply = await self._call(
-                p.PrepareWrite(partition_id=partition_id, schemas=schemas, new_rows=n, insert=True)
-            )
-            ids = p.ids_from_wire(reply.global_indexes)
-            metadata = BatchMeta(ids, np.full(n, partition_id, dtype=object))
-            try:
-                await self._write(partition_id, data, metadata, reply.schemas)
-            except BaseException:
-                await self._rollback_insert(partition_id, ids)
-                raise
+            out = await self._insert(batch, args.name("partition_id", partition_id))
         else:
-            if metadata.size != n:
+            _check_meta("metadata", metadata)
+            if metadata.size != batch.size:
                 raise SchemaError(
-                    f"put(): data has {n} rows but metadata has {metadata.size}; pass the BatchMeta of "
-                    "exactly these rows (same order)"
+                    f"put(): data has {batch.size} rows but metadata has {metadata.size}; pass the BatchMeta "
+                    "of exactly these rows (same order)"
                 )
-            pids = np.unique(np.asarray(metadata.partition_id_array, dtype=object).astype(str))
-            if len(pids) != 1:
-                raise ValueError(
-                    f"put() of one batch into several partitions {list(pids)}: chunk_by_partition first"
-                )
-            pid = str(pids[0]) if partition_id is None else partition_id
-            reply = await self._call(
-                p.PrepareWrite(
-                    partition_id=pid,
-                    schemas=schemas,
-                    global_indexes=p.ids_to_wire(metadata.global_index_array),
-                )
-            )
-            await self._write(pid, data, metadata, reply.schemas)
-        metadata = metadata.copy()
-        metadata.add_fields(data if isinstance(data, TensorDict) else _as_tensordict(data, n))
+            if partition_id is not None:
+                args.name("partition_id", partition_id)
+            out = await self._update(batch, metadata, partition_id)
         self._stats["puts"] += 1
-        self._stats["rows_put"] += n
+        self._stats["rows_put"] += batch.size
         self._stats_time["put_s"] += time.monotonic() - started
-        return metadata
+        return out
+
+    async def _insert(self, batch: PreparedBatch, pid: str) -> BatchMeta:
+        if batch.size == 0:  # an empty batch is no error: it only makes sure the partition exists
+            await self._call(p.CreatePartition(partition_id=pid))
+            return BatchMeta.empty()
+        reply: p.WriteReply = await self._call(
+            p.PrepareWrite(partition_id=pid, schemas=batch.schemas, new_rows=batch.size, insert=True)
+        )
+        ids = p.ids_from_wire(reply.global_indexes)
+        meta = BatchMeta(ids, pid)
+        try:
+            await self._write(batch, meta, pid, ids)
+        except BaseException:
+            await self._rollback_insert(pid, ids)
+            raise
+        return _with_fields(meta, _written(reply.schemas, batch))
+
+    async def _update(self, batch: PreparedBatch, meta: BatchMeta, partition_id: str | None) -> BatchMeta:
+        if meta.size == 0:
+            return meta.copy()
+        pid = _single_partition(meta, "put()") if partition_id is None else partition_id
+        ids = meta.global_index_array
+        reply: p.WriteReply = await self._call(
+            p.PrepareWrite(partition_id=pid, schemas=batch.schemas, global_indexes=p.ids_to_wire(ids))
+        )
+        await self._write(batch, meta, pid, ids)
+        return _with_fields(meta, _written(reply.schemas, batch))
+
+    async def _write(self, batch: PreparedBatch, meta: BatchMeta, pid: str, ids: np.ndarray) -> None:
+        """The readiness rule: store every byte, then (and only then) make the rows visible."""
+        if not batch.columns:
+            return
+        storage = await self.storage()
+        await self._stored(storage.put_data(batch, meta))
+        await self._call(
+            p.NotifyProduced(partition_id=pid, global_indexes=p.ids_to_wire(ids), schemas=batch.schemas)
+        )
 
     async def _rollback_insert(self, pid: str, ids: np.ndarray) -> None:
         """A failed insert-put must not leave rows that will never be produced (a sealed stream
-        would wait for them forever): forget them in the controller and the units."""
+        would wait for them): forget them in the controller and the storage."""
         try:
             await self._call(p.ClearSamples(partition_id=pid, global_indexes=p.ids_to_wire(ids)))
             storage = await self.storage()
-            await storage.clear_data(BatchMeta(ids, np.full(len(ids), pid, dtype=object)))
+            await storage.clear_data(BatchMeta(ids, pid))
         except TQError as exc:  # the original error is the one to report
             log.warning("could not roll back %d rows of a failed put into %r: %s", len(ids), pid, exc)
-
-    async def _write(self, pid: str, data: Any, meta: BatchMeta, schemas: dict[str, FieldSchema]) -> None:
-        storage = await self.storage()
-        await storage.put_data(data, meta, schemas)
 
     async def async_get_data(
         self, metadata: BatchMeta, device: str | torch.device | None = None
     ) -> TensorDict:
-        """The columns named by ``metadata`` for its rows, in its row order."""
+        """The columns named by ``metadata`` for its rows, in its row order (memory the caller owns)."""
+        _check_meta("metadata", metadata)
         started = time.monotonic()
         storage = await self.storage()
-        td = await storage.get_data(metadata)
+        td = await self._stored(storage.get_data(metadata))
         if device is not None:
             td = td.to(device)
         self._stats["gets"] += 1
@@ -256,24 +336,35 @@ class AsyncClient:
         return td
 
     async def async_clear_samples(self, metadata: BatchMeta) -> None:
+        _check_meta("metadata", metadata)
         storage = await self.storage()
         for part in metadata.chunk_by_partition():
-            await self._call(p.ClearSamples(partition_id=str(part.partition_id_array[0]),
-                                            global_indexes=p.ids_to_wire(part.global_index_array)))  # fmt: skip
-        await storage.clear_data(metadata)
+            await self._call(
+                p.ClearSamples(
+                    partition_id=str(part.partition_id_array[0]),
+                    global_indexes=p.ids_to_wire(part.global_index_array),
+                )
+            )
+        await self._stored(storage.clear_data(metadata))
 
     async def async_clear_partition(self, partition_id: str) -> None:
+        pid = args.name("partition_id", partition_id)
         storage = await self.storage()
-        await self._call(p.ClearPartition(partition_id=partition_id))
-        await storage.clear_partition(partition_id)
+        await self._call(p.ClearPartition(partition_id=pid))
+        await self._stored(storage.clear_partition(pid))
 
     # ------------------------------------------------------------------ status
     async def async_get_production_status(
         self, data_fields: Sequence[str] | str, partition_id: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(global_indexes, status)``: status[i, j] is 1 when row i has field j (fields in given order)."""
-        fields = [data_fields] if isinstance(data_fields, str) else list(data_fields)
-        reply: p.StatusReply = await self._call(p.ProductionStatus(partition_id=partition_id, fields=fields))
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(global_indexes, status)``: status[i, j] is 1 when row i has field j (fields in given
+        order); ``(None, None)`` for a partition that does not exist (yet), as in TransferQueue."""
+        fields = args.names("data_fields", data_fields)
+        req = p.ProductionStatus(partition_id=args.name("partition_id", partition_id), fields=fields)
+        try:
+            reply: p.StatusReply = await self._call(req)
+        except NotFoundError:
+            return None, None
         ids = p.ids_from_wire(reply.global_indexes)
         matrix = np.frombuffer(reply.matrix, dtype=bool).reshape(len(ids), len(reply.fields))
         return torch.from_numpy(ids), torch.from_numpy(matrix.astype(np.int8))
@@ -281,36 +372,50 @@ class AsyncClient:
     async def async_check_production_status(
         self, data_fields: Sequence[str] | str, partition_id: str
     ) -> bool:
-        """True when every live row of the partition has all ``data_fields``."""
+        """True when the partition has rows and every one has all ``data_fields`` (False if unknown)."""
         ids, status = await self.async_get_production_status(data_fields, partition_id)
-        return bool(len(ids) > 0 and status.all())
+        return bool(ids is not None and status is not None and len(ids) > 0 and status.all())
 
     async def async_get_consumption_status(
         self, task_name: str, partition_id: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(global_indexes, consumed)`` for every live row of the partition."""
-        reply: p.StatusReply = await self._call(
-            p.ConsumptionStatus(partition_id=partition_id, task_name=task_name)
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(global_indexes, consumed)`` for every live row; ``(None, None)`` for an unknown partition."""
+        req = p.ConsumptionStatus(
+            partition_id=args.name("partition_id", partition_id), task_name=args.name("task_name", task_name)
         )
+        try:
+            reply: p.StatusReply = await self._call(req)
+        except NotFoundError:
+            return None, None
         ids = p.ids_from_wire(reply.global_indexes)
         consumed = np.frombuffer(reply.matrix, dtype=bool).astype(np.int8)
         return torch.from_numpy(ids), torch.from_numpy(consumed)
 
     async def async_check_consumption_status(self, task_name: str, partition_id: str) -> bool:
+        """True when the partition has rows and ``task_name`` consumed all of them (False if unknown)."""
         ids, consumed = await self.async_get_consumption_status(task_name, partition_id)
-        return bool(len(ids) > 0 and consumed.all())
+        return bool(ids is not None and consumed is not None and len(ids) > 0 and consumed.all())
 
-    async def async_reset_consumption(self, partition_id: str, task_name: str | None = None) -> None:
-        await self._call(p.ResetConsumption(partition_id=partition_id, task_name=task_name))
+    async def async_reset_consumption(self, partition_id: str, task_name: str | None = None) -> bool:
+        """Make every row of the partition unconsumed again (for ``task_name``, or every task); True."""
+        await self._call(
+            p.ResetConsumption(
+                partition_id=args.name("partition_id", partition_id),
+                task_name=args.optional_name("task_name", task_name),
+            )
+        )
+        return True
 
     # ------------------------------------------------------------------ streams
     async def async_seal(self, partition_id: str) -> None:
         """No new rows in ``partition_id``: consumers drain it and their streams end."""
-        await self._call(p.Seal(partition_id=partition_id))
+        await self._call(p.Seal(partition_id=args.name("partition_id", partition_id)))
 
     async def async_abort(self, partition_id: str, reason: str = "aborted by producer") -> None:
         """Fail every waiting and later ``get_meta`` on ``partition_id`` with ``ClosedError(reason)``."""
-        await self._call(p.Abort(partition_id=partition_id, reason=reason))
+        if not isinstance(reason, str):
+            raise ArgumentError(f"reason must be a str, got {type(reason).__name__}")
+        await self._call(p.Abort(partition_id=args.name("partition_id", partition_id), reason=reason))
 
     # ------------------------------------------------------------------ KV
     async def async_kv_retrieve_meta(
@@ -331,14 +436,13 @@ class AsyncClient:
 
         The KV API needs to know which rows it created so that a failed write can remove them again.
         """
-        keys = [keys] if isinstance(keys, str) else list(keys)
-        if not keys:
-            raise ValueError("kv_retrieve_meta() needs at least one key")
-        if not all(isinstance(k, str) for k in keys):
-            raise TypeError("keys must be strings")
+        keys = args.names("keys", keys, allow_empty=False)
         reply: p.KVLookupReply = await self._call(
-            p.KVLookup(partition_id=partition_id, keys=keys, create=create, missing_ok=missing_ok)
-        )
+            p.KVLookup(
+                partition_id=args.name("partition_id", partition_id), keys=keys, create=bool(create),
+                missing_ok=bool(missing_ok),
+            )
+        )  # fmt: skip
         meta = BatchMeta.from_wire(reply.meta)
         created = np.frombuffer(reply.created, dtype=bool).copy()
         if len(created) != meta.size:  # an empty reply (unknown partition, missing_ok) has none
@@ -346,18 +450,27 @@ class AsyncClient:
         return meta, created
 
     async def async_kv_list(self, partition_id: str | None = None) -> dict[str, dict[str, Any]]:
-        reply: p.KVListReply = await self._call(p.KVList(partition_id=partition_id))
+        reply: p.KVListReply = await self._call(
+            p.KVList(partition_id=args.optional_name("partition_id", partition_id))
+        )
         return dict(reply.partitions)
 
     # ------------------------------------------------------------------ introspection
     async def async_statistics(self) -> dict[str, Any]:
-        """Client counters plus the controller's and every storage unit's statistics (plain dict)."""
+        """Client counters plus the controller's and every storage unit's statistics (plain dict).
+
+        Storage is asked first: a unit found dead there is reported to the controller before the
+        controller's counters are read, so one snapshot never shows a dead unit with no lost rows.
+        """
         storage = await self.storage()
+        storage_stats = await storage.statistics()
+        for lost in storage.take_lost():
+            await self._report_lost(lost)
         reply: p.StatsReply = await self._call(p.Stats())
         return {
             "client": {**self._stats, **{k: round(v, 6) for k, v in self._stats_time.items()}},
             "controller": reply.stats,
-            "storage": await storage.statistics(),
+            "storage": storage_stats,
         }
 
     # ------------------------------------------------------------------ checkpoints
@@ -373,26 +486,30 @@ class AsyncClient:
     async def async_close(self) -> None:
         if self._storage is not None:
             await self._storage.close()
-        for conn in self._conns.values():
-            await conn.close()
-        self._conns.clear()
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
 
 
-def _as_tensordict(data: Mapping[str, Any], n: int) -> TensorDict:
-    from tq_loader.codec import to_tensordict
+def _check_meta(arg: str, meta: Any) -> None:
+    if not isinstance(meta, BatchMeta):
+        raise ArgumentError(f"{arg} must be a BatchMeta, got {type(meta).__name__}")
 
-    return to_tensordict(dict(data), n)
+
+def _written(merged: Mapping[str, FieldSchema], batch: PreparedBatch) -> dict[str, FieldSchema]:
+    """The schema of each field written: the controller's merged one, else the batch's own."""
+    return {name: merged.get(name, schema) for name, schema in batch.schemas.items()}
 
 
 async def _shutdown(core: AsyncClient, grace: float = 5.0) -> None:
-    """Close ``core``, then let the calls still running on its loop finish before the loop stops.
+    """Close ``core``, then let the calls still running for it finish.
 
     Closing fails their requests with ``ClosedError``, but the callers only see it once their tasks
-    have run to the end: stopping the loop first would leave those callers blocked forever.
+    have run to the end.
     """
     await core.async_close()
     current = asyncio.current_task()
-    others = [task for task in asyncio.all_tasks() if task is not current]
+    others = [t for t in asyncio.all_tasks() if t is not current and getattr(t, "_tq_client", None) is core]
     if others:
         _, pending = await asyncio.wait(others, timeout=grace)
         for task in pending:
@@ -401,20 +518,21 @@ async def _shutdown(core: AsyncClient, grace: float = 5.0) -> None:
             await asyncio.wait(pending, timeout=grace)
 
 
-def _sync(name: str) -> Any:
-    async_name = f"async_{name}"
+def _sync(
+    method: Callable[Concatenate[AsyncClient, P], Awaitable[R]],
+) -> tuple[Callable[Concatenate[Client, P], R], Callable[Concatenate[Client, P], Awaitable[R]]]:
+    """The sync method and its ``async_`` twin for ``AsyncClient.async_<name>``, with its signature."""
 
-    def method(self: Client, *args: Any, **kwargs: Any) -> Any:
-        return self._run(getattr(self._core(), async_name)(*args, **kwargs))
+    @functools.wraps(method)
+    def sync_method(self: Client, *a: P.args, **kw: P.kwargs) -> R:
+        return self.run(lambda core: method(core, *a, **kw))
 
-    async def async_method(self: Client, *args: Any, **kwargs: Any) -> Any:
-        future = self._thread().submit(getattr(self._core(), async_name)(*args, **kwargs))
-        return await asyncio.wrap_future(future)
+    @functools.wraps(method)
+    async def async_method(self: Client, *a: P.args, **kw: P.kwargs) -> R:
+        return await asyncio.wrap_future(self.submit(lambda core: method(core, *a, **kw)))
 
-    doc = getattr(AsyncClient, async_name).__doc__
-    method.__name__, async_method.__name__ = name, async_name
-    method.__doc__ = async_method.__doc__ = doc
-    return method, async_method
+    sync_method.__name__ = sync_method.__qualname__ = method.__name__.removeprefix("async_")
+    return sync_method, async_method
 
 
 class Client:
@@ -426,8 +544,8 @@ class Client:
     def __init__(
         self, controller_address: str, *, config: ClientConfig | None = None, auth_token: str | None = None
     ) -> None:
-        self.controller_address = controller_address
-        self._config = config
+        self.controller_address = args.name("controller_address", controller_address)
+        self.config = config or ClientConfig()
         self._token = auth_token
         self._lock = threading.Lock()
         self._pid = -1
@@ -435,36 +553,48 @@ class Client:
         self._async: AsyncClient | None = None
         self._closed = False
 
-    def _thread(self) -> LoopThread:
+    def _ensure(self) -> tuple[LoopThread, AsyncClient]:
         with self._lock:
             if self._closed:  # fail fast: reconnecting to services that were stopped would hang
                 raise ClosedError(
                     f"this client of {self.controller_address} is closed; use tq.get_client() or a new Client"
                 )
-            if self._loop is None or self._pid != os.getpid():
+            if self._loop is None or self._async is None or self._pid != os.getpid():
                 self._pid = os.getpid()
-                self._loop = LoopThread("tq-client")
-                self._async = AsyncClient(
-                    self.controller_address, config=self._config, auth_token=self._token
-                )
-            return self._loop
+                self._loop = shared_loop.acquire()
+                self._async = AsyncClient(self.controller_address, config=self.config, auth_token=self._token)
+            return self._loop, self._async
 
-    def _core(self) -> AsyncClient:
-        self._thread()
-        assert self._async is not None
-        return self._async
+    # ------------------------------------------------------------------ the public seam
+    def submit(self, fn: Callable[[AsyncClient], Awaitable[R]]) -> concurrent.futures.Future[R]:
+        """Run ``fn(async_client)`` on the client's event loop; a future of its result.
 
-    def _run(self, coro: Any) -> Any:
-        return self._thread().run(coro)
+        ``fn`` is a coroutine function of the :class:`AsyncClient` (e.g. ``lambda c: c.async_put(td,
+        partition_id="p")``); cancelling the future cancels the call, in the server too.
+        """
+        loop, core = self._ensure()
+
+        async def call() -> R:
+            task = asyncio.current_task()
+            if task is not None:
+                task._tq_client = core  # type: ignore[attr-defined]  # lets close() wait for it
+            return await fn(core)
+
+        return loop.submit(call())
+
+    def run(self, fn: Callable[[AsyncClient], Awaitable[R]]) -> R:
+        """Run ``fn(async_client)`` on the client's loop and wait for its result (from any thread
+        but that loop's own)."""
+        return self.submit(fn).result()
 
     def close(self) -> None:
-        """Release the sockets and the loop thread; later calls raise ``ClosedError``."""
+        """Release the sockets and the loop; later calls raise ``ClosedError``."""
         with self._lock:
             self._closed = True
             loop, core, self._loop, self._async = self._loop, self._async, None, None
-        if loop is not None and core is not None and loop.alive:
+        if loop is not None and core is not None and loop.alive and self._pid == os.getpid():
             loop.run(_shutdown(core))
-            loop.close()
+            shared_loop.release(loop)
 
     def __enter__(self) -> Client:
         return self
@@ -472,28 +602,33 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    get_meta, async_get_meta = _sync("get_meta")
-    put, async_put = _sync("put")
-    get_data, async_get_data = _sync("get_data")
-    set_custom_meta, async_set_custom_meta = _sync("set_custom_meta")
-    clear_samples, async_clear_samples = _sync("clear_samples")
-    clear_partition, async_clear_partition = _sync("clear_partition")
-    create_partition, async_create_partition = _sync("create_partition")
-    get_partition_list, async_get_partition_list = _sync("get_partition_list")
-    get_production_status, async_get_production_status = _sync("get_production_status")
-    check_production_status, async_check_production_status = _sync("check_production_status")
-    get_consumption_status, async_get_consumption_status = _sync("get_consumption_status")
-    check_consumption_status, async_check_consumption_status = _sync("check_consumption_status")
-    reset_consumption, async_reset_consumption = _sync("reset_consumption")
-    seal, async_seal = _sync("seal")
-    abort, async_abort = _sync("abort")
-    kv_retrieve_meta, async_kv_retrieve_meta = _sync("kv_retrieve_meta")
-    kv_lookup, async_kv_lookup = _sync("kv_lookup")
-    kv_list, async_kv_list = _sync("kv_list")
-    statistics, async_statistics = _sync("statistics")
-    describe, async_describe = _sync("describe")
-    export_state, async_export_state = _sync("export_state")
-    import_state, async_import_state = _sync("import_state")
+    def __repr__(self) -> str:
+        return f"Client({self.controller_address!r})"
+
+    get_meta, async_get_meta = _sync(AsyncClient.async_get_meta)
+    put, async_put = _sync(AsyncClient.async_put)
+    get_data, async_get_data = _sync(AsyncClient.async_get_data)
+    set_custom_meta, async_set_custom_meta = _sync(AsyncClient.async_set_custom_meta)
+    clear_samples, async_clear_samples = _sync(AsyncClient.async_clear_samples)
+    clear_partition, async_clear_partition = _sync(AsyncClient.async_clear_partition)
+    create_partition, async_create_partition = _sync(AsyncClient.async_create_partition)
+    get_partition_list, async_get_partition_list = _sync(AsyncClient.async_get_partition_list)
+    get_production_status, async_get_production_status = _sync(AsyncClient.async_get_production_status)
+    check_production_status, async_check_production_status = _sync(AsyncClient.async_check_production_status)
+    get_consumption_status, async_get_consumption_status = _sync(AsyncClient.async_get_consumption_status)
+    check_consumption_status, async_check_consumption_status = _sync(
+        AsyncClient.async_check_consumption_status
+    )
+    reset_consumption, async_reset_consumption = _sync(AsyncClient.async_reset_consumption)
+    seal, async_seal = _sync(AsyncClient.async_seal)
+    abort, async_abort = _sync(AsyncClient.async_abort)
+    kv_retrieve_meta, async_kv_retrieve_meta = _sync(AsyncClient.async_kv_retrieve_meta)
+    kv_lookup, async_kv_lookup = _sync(AsyncClient.async_kv_lookup)
+    kv_list, async_kv_list = _sync(AsyncClient.async_kv_list)
+    statistics, async_statistics = _sync(AsyncClient.async_statistics)
+    describe, async_describe = _sync(AsyncClient.async_describe)
+    export_state, async_export_state = _sync(AsyncClient.async_export_state)
+    import_state, async_import_state = _sync(AsyncClient.async_import_state)
 
 
 TransferQueueClient = Client

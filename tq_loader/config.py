@@ -75,6 +75,8 @@ class RayConfig:
 class ClientConfig:
     request_timeout: float | None = 120.0  # for non-blocking requests; get_meta uses its own timeout
     connect_timeout: float = 10.0
+    # call services hosted by this very process directly (no socket); False: always ZMQ (tests)
+    in_process: bool = True
 
 
 @dataclass

@@ -6,7 +6,9 @@ them all; each subclass also derives from the built-in exception a TransferQueue
 
     TQError
     ├── NotFoundError      unknown partition / key / field / sampler   (also KeyError, ValueError)
+    │   └── CheckpointNotFoundError  no checkpoint at a path          (also FileNotFoundError)
     ├── SchemaError        dtype conflict, batch-size mismatch, unsupported type   (also ValueError)
+    ├── ArgumentError      a call's argument has the wrong type or value, named   (also TypeError, ValueError)
     ├── CapacityError      a storage unit is full and stayed full until the timeout
     ├── TQTimeoutError     a request's deadline passed                  (also TimeoutError)
     ├── TQConnectionError  a service cannot be reached or died          (also ConnectionError)
@@ -21,7 +23,9 @@ error reply and the client re-raises the same type with the same message.
 from __future__ import annotations
 
 __all__ = [
+    "ArgumentError",
     "CapacityError",
+    "CheckpointNotFoundError",
     "ClosedError",
     "DataLostError",
     "NotFoundError",
@@ -46,8 +50,20 @@ class NotFoundError(TQError, KeyError, ValueError):
         return str(self.args[0]) if self.args else ""
 
 
+class CheckpointNotFoundError(NotFoundError, FileNotFoundError):
+    """No checkpoint at the given path (also a ``FileNotFoundError``, as TransferQueue raises)."""
+
+
 class SchemaError(TQError, ValueError):
     """Data does not fit the column's schema, or has a type the codec refuses."""
+
+
+class ArgumentError(TQError, TypeError, ValueError):
+    """An argument of a public call has the wrong type or value; the message names it.
+
+    Raised by the client before anything is sent, so a bad call fails at once instead of waiting
+    for a server's answer.
+    """
 
 
 class CapacityError(TQError):
@@ -79,7 +95,9 @@ _BY_NAME: dict[str, type[TQError]] = {
     for cls in (
         TQError,
         NotFoundError,
+        CheckpointNotFoundError,
         SchemaError,
+        ArgumentError,
         CapacityError,
         TQTimeoutError,
         TQConnectionError,

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from tq_loader.errors import ClosedError
 
-__all__ = ["LoopThread"]
+__all__ = ["LoopThread", "shared_loop"]
 
 T = TypeVar("T")
 
@@ -64,6 +64,44 @@ class LoopThread:
         if self.pid != os.getpid() or not self._thread.is_alive():
             return
         self.loop.call_soon_threadsafe(self.loop.stop)
+        if self.in_loop():  # closed from a callback on the loop itself: it stops after this one
+            return
         self._thread.join(timeout)
         if not self._thread.is_alive():
             self.loop.close()
+
+
+class _SharedLoop:
+    """One :class:`LoopThread` per process shared by embedded services and sync clients.
+
+    Sharing the loop is what makes an in-process call cheap: a sync client's coroutine and the
+    service it calls run on the same thread, so a request costs one thread hop (caller -> loop)
+    instead of three. Reference counted: the thread stops when its last user releases it, so
+    ``tq.close()`` leaves no thread behind. A forked child starts a fresh one.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._thread: LoopThread | None = None
+        self._users = 0
+
+    def acquire(self) -> LoopThread:
+        with self._lock:
+            if self._thread is None or not self._thread.alive:
+                self._thread, self._users = LoopThread("tq-loop"), 0
+            self._users += 1
+            return self._thread
+
+    def release(self, thread: LoopThread) -> None:
+        """Drop one reference to ``thread`` (a stale thread from before a fork is ignored)."""
+        with self._lock:
+            if thread is not self._thread:
+                return
+            self._users -= 1
+            if self._users > 0:
+                return
+            self._thread = None
+        thread.close()
+
+
+shared_loop = _SharedLoop()

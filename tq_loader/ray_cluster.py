@@ -28,7 +28,7 @@ class ServiceActor:
     """Hosts one service (controller or storage unit) on an event-loop thread inside the actor."""
 
     def __init__(self, kind: str, config: dict[str, Any], index: int = 0) -> None:
-        from tq_loader.cluster import start_controller, start_storage_unit
+        from tq_loader.hosting import start_controller, start_storage_unit
 
         self.config = resolve_config(config)
         self.host = (
@@ -39,7 +39,7 @@ class ServiceActor:
         return self.host.address
 
     def publish_layout(self, unit_addresses: list[str]) -> None:
-        from tq_loader.cluster import publish_layout
+        from tq_loader.hosting import publish_layout
 
         publish_layout(self.host, self.config, unit_addresses)
 

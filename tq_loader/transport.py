@@ -317,7 +317,13 @@ class Server:
 
 
 class Connection:
-    """A DEALER socket to one server, owned by one event loop; safe for many concurrent requests."""
+    """A DEALER socket to one server, owned by one event loop; safe for many concurrent requests.
+
+    The ZMQ implementation of :class:`tq_loader.channel.Channel` (received frames are private to
+    the request, so ``private_replies`` is True).
+    """
+
+    private_replies = True
 
     def __init__(
         self,

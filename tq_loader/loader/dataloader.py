@@ -229,12 +229,12 @@ class _MetaCalls:
         self._closed = False
 
     def get_meta(self, *args: Any, **kwargs: Any) -> BatchMeta:
-        if not (hasattr(self.client, "_thread") and hasattr(self.client, "_core")):
+        if not hasattr(self.client, "submit"):
             return self.client.get_meta(*args, **kwargs)  # a client without the async core (a test double)
         with self._lock:
             if self._closed:
                 raise ClosedError("the StreamingDataLoader iterator was closed")
-            future = self.client._thread().submit(self.client._core().async_get_meta(*args, **kwargs))
+            future = self.client.submit(lambda core: core.async_get_meta(*args, **kwargs))
             self._futures.add(future)
         try:
             return future.result()

@@ -55,7 +55,7 @@ class Writer:
             return
         self._slots.acquire()
         try:
-            future = client._thread().submit(client._core().async_put(data, meta, self.partition_id))
+            future = client.submit(lambda core: core.async_put(data, meta, self.partition_id))
         except BaseException:
             self._slots.release()
             raise

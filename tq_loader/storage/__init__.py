@@ -1,25 +1,22 @@
-"""Storage: the in-memory columnar unit, its network service, and the client-side managers."""
+"""Storage: the backend contract (``base``), the built-in columnar units (``unit``, ``service``) and
+their client-side manager (``simple``)."""
 
-from tq_loader.storage.columns import assemble, take_rows
-from tq_loader.storage.manager import (
-    SimpleStorageManager,
+from tq_loader.storage.base import (
+    BackendInfo,
+    StorageLost,
     StorageManager,
     make_storage_manager,
     register_storage_manager,
     registered_storage_managers,
 )
-from tq_loader.storage.service import StorageUnitService, decode_export
-from tq_loader.storage.unit import SimpleStorageUnit
+from tq_loader.storage.simple import SimpleStorageManager
 
 __all__ = [
+    "BackendInfo",
     "SimpleStorageManager",
-    "SimpleStorageUnit",
+    "StorageLost",
     "StorageManager",
-    "StorageUnitService",
-    "assemble",
-    "decode_export",
     "make_storage_manager",
     "register_storage_manager",
     "registered_storage_managers",
-    "take_rows",
 ]

@@ -4,10 +4,7 @@ Puts into a full unit wait (without polling) on a condition that every drop noti
 the request's deadline and ``put_timeout``; then they fail with a ``CapacityError`` that says how to
 free space. Bad requests raise typed errors, which the Server turns into error replies.
 
-``ExportRows`` (checkpoints) answers with a ``RowsReply`` whose ``global_indexes`` are all the
-partition's rows and whose columns come in pairs per field: the field's values, then an int64
-column named :data:`EXPORT_IDS_PREFIX` + field with the rows that have it. :func:`decode_export`
-reads such a reply back.
+``ExportRows`` (checkpoints) answers in the form of :mod:`tq_loader.storage.export`.
 """
 
 from __future__ import annotations
@@ -17,17 +14,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from tq_loader import protocol as p
 from tq_loader.codec import decode_columns, encode_columns
 from tq_loader.errors import CapacityError, ProtocolError
+from tq_loader.storage.export import encode_export
 from tq_loader.storage.unit import SimpleStorageUnit
 from tq_loader.transport import RequestContext
 
-__all__ = ["EXPORT_IDS_PREFIX", "StorageUnitService", "decode_export"]
-
-EXPORT_IDS_PREFIX = "\x00ids:"  # a field name no user writes (NUL), so it cannot clash
+__all__ = ["StorageUnitService"]
 
 
 class StorageUnitService:
@@ -130,13 +125,7 @@ class StorageUnitService:
     async def _export(
         self, ctx: RequestContext, req: p.ExportRows, buffers: list[memoryview]
     ) -> tuple[Any, list]:
-        ids, fields = self.unit.export(req.partition_id)
-        specs, bufs = [], []
-        for name, (field_ids, value) in fields.items():
-            s, b = encode_columns({name: value, EXPORT_IDS_PREFIX + name: torch.from_numpy(field_ids)})
-            specs.extend(s)
-            bufs.extend(b)
-        return p.RowsReply(global_indexes=p.ids_to_wire(ids), columns=specs), bufs
+        return encode_export(*self.unit.export(req.partition_id))
 
     async def _stats(self, ctx: RequestContext, req: p.Stats, buffers: list[memoryview]) -> tuple[Any, list]:
         stats = self.unit.statistics()
@@ -145,19 +134,3 @@ class StorageUnitService:
 
     def statistics(self) -> dict[str, Any]:
         return {**self.unit.statistics(), "service": {"puts_waiting": self._waiting}}
-
-
-def decode_export(
-    reply: p.RowsReply, buffers: Sequence[Any]
-) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, Any]]]:
-    """``(ids, {field: (ids_having_field, value)})`` from an ``ExportRows`` reply."""
-    columns = decode_columns(reply.columns, buffers, copy=True)
-    fields: dict[str, tuple[np.ndarray, Any]] = {}
-    for name, value in columns.items():
-        if name.startswith(EXPORT_IDS_PREFIX):
-            continue
-        field_ids = columns.get(EXPORT_IDS_PREFIX + name)
-        if not isinstance(field_ids, torch.Tensor) or field_ids.dtype != torch.int64:
-            raise ProtocolError(f"export reply: field {name!r} comes without its int64 row ids")
-        fields[name] = (field_ids.numpy().copy(), value)
-    return p.ids_from_wire(reply.global_indexes), fields

@@ -1,0 +1,278 @@
+"""The manager of the built-in storage units (``storage.backend = simple``): store and fetch only.
+
+Rows are striped over the N units in blocks of ``storage.stripe_rows`` consecutive global indexes
+(:func:`~tq_loader.striping.unit_of`), so a batch of consecutive ids reaches each unit as a few
+contiguous runs, which move as slices rather than row by row (a unit whose rows are one run is
+sent a view of the caller's columns, no copy). A put sends each unit its rows in one message, to
+all units at once; a get asks all involved units at once and reassembles the columns in the
+metadata's row order -- or, when one unit's reply already holds every row in order, hands that
+reply out as is. Readiness (notify after every ack) and lost rows are the client core's business:
+a unit that was reached before and stops answering raises :class:`~tq_loader.storage.base.StorageLost`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from tensordict import TensorDict
+
+from tq_loader import protocol as p
+from tq_loader.batch import PreparedBatch
+from tq_loader.codec import decode_columns, encode_columns, to_tensordict
+from tq_loader.errors import DataLostError, NotFoundError, SchemaError, TQConnectionError
+from tq_loader.metadata import BatchMeta, schema_of
+from tq_loader.schema import FieldSchema
+from tq_loader.storage.base import BackendInfo, StorageLost, StorageManager, register_storage_manager
+from tq_loader.storage.columns import assemble, take_rows, target_kind
+from tq_loader.storage.export import decode_export
+from tq_loader.striping import DEFAULT_STRIPE_ROWS, check_stripe_rows, unit_of
+
+__all__ = ["SimpleStorageManager"]
+
+_CONFIGURED = object()  # "the configured request timeout" (None means: wait forever)
+
+
+def _groups(meta: BatchMeta, n_units: int, stripe_rows: int) -> list[tuple[str, int, np.ndarray]]:
+    """(partition, unit, positions in meta, ascending) for every (partition, unit) pair that has rows."""
+    if meta.size == 0:
+        return []
+    pids, ids = meta.partition_id_array, meta.global_index_array
+    units = unit_of(ids, n_units, stripe_rows)
+    if (units == units[0]).all() and (pids == pids[0]).all():  # one partition, one unit: no sort
+        return [(str(pids[0]), int(units[0]), np.arange(meta.size))]
+    names, inv = np.unique(pids, return_inverse=True)
+    key = inv.reshape(-1).astype(np.int64) * n_units + units
+    order = np.argsort(key, kind="stable")
+    chunks = np.split(order, np.flatnonzero(np.diff(key[order])) + 1)
+    return [(str(names[key[c[0]] // n_units]), int(key[c[0]] % n_units), c) for c in chunks]
+
+
+class SimpleStorageManager(StorageManager):
+    """Stripes rows over the built-in storage units (``unit_of(global_index, num_units, stripe_rows)``).
+
+    Every client of a cluster must stripe alike, so ``stripe_rows``, the request timeout and
+    ``storage.put_timeout`` come from the cluster's own config (``ClusterInfo.config``).
+    """
+
+    name = "simple"
+
+    def __init__(self, info: BackendInfo) -> None:
+        if not info.cluster.storage_units:
+            raise TQConnectionError(
+                "the cluster has no storage units; start at least one (storage.num_units)"
+            )
+        config = info.cluster.config or {}
+        storage = config.get("storage") or {}
+        self.addresses = list(info.cluster.storage_units)
+        self.request_timeout = (config.get("client") or {}).get("request_timeout", 120.0)
+        self.put_timeout = storage.get("put_timeout")
+        self.stripe_rows = check_stripe_rows(storage.get("stripe_rows", DEFAULT_STRIPE_ROWS))
+        self._connect = info.connect
+        self._lost: list[StorageLost] = []
+
+    # ------------------------------------------------------------ plumbing
+    async def _request(
+        self, unit: int, body: Any, buffers: Sequence[Any] = (), timeout: float | object | None = _CONFIGURED
+    ) -> tuple[Any, list[memoryview]]:
+        address = self.addresses[unit]
+        channel = self._connect(address)
+        try:
+            return await channel.request(
+                body, buffers, timeout=self.request_timeout if timeout is _CONFIGURED else timeout
+            )
+        except DataLostError:
+            raise
+        except TQConnectionError as exc:
+            if not channel.ever_connected:
+                raise type(exc)(f"storage unit {unit} ({address}): {exc}") from exc
+            # A unit we reached before is gone: every row striped to it is lost.
+            raise StorageLost(
+                f"storage unit {unit} ({address}) is unreachable ({exc})",
+                unit=unit,
+                num_units=len(self.addresses),
+                stripe_rows=self.stripe_rows,
+            ) from exc
+
+    @staticmethod
+    async def _gather(coros: Sequence[Coroutine[Any, Any, Any]], *, lost_ok: bool = False) -> list[Any]:
+        """Run all at once; if any failed, raise the first error after all have finished.
+
+        ``lost_ok``: a dead unit is no error (clearing rows that are already gone succeeds).
+        """
+        if len(coros) == 1:  # no task machinery for the single-unit case
+            try:
+                return [await coros[0]]
+            except DataLostError:
+                if lost_ok:
+                    return [None]
+                raise
+        results = await asyncio.gather(*coros, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not (lost_ok and isinstance(result, DataLostError)):
+                raise result
+        return results
+
+    # ------------------------------------------------------------ data
+    async def put_data(self, batch: PreparedBatch, meta: BatchMeta) -> None:
+        n = meta.size
+        if batch.size != n:
+            raise SchemaError(
+                f"put_data(): data has {batch.size} rows but the metadata has {n}; "
+                "pass the BatchMeta of exactly these rows, in the same order"
+            )
+        if n == 0 or not batch.columns:
+            return
+        groups = _groups(meta, len(self.addresses), self.stripe_rows)
+        sends = []
+        for pid, unit, pos in groups:
+            # A part is only encoded and sent while the caller's columns are alive: a unit's rows
+            # that form one contiguous run go as a view of them (copy=False), others are gathered.
+            part = (
+                batch.columns
+                if len(groups) == 1
+                else {name: take_rows(value, pos, copy=False) for name, value in batch.columns.items()}
+            )
+            specs, buffers = encode_columns(part)
+            body = p.PutRows(
+                partition_id=pid,
+                global_indexes=p.ids_to_wire(meta.global_index_array[pos]),
+                columns=specs,
+                schemas=batch.schemas,
+                timeout=self.put_timeout,
+            )
+            sends.append(self._request(unit, body, buffers))
+        await self._gather(sends)
+
+    async def get_data(self, meta: BatchMeta, fields: Sequence[str] | None = None) -> TensorDict:
+        known = meta.field_schema
+        fields = list(known) if fields is None else list(fields)
+        n = meta.size
+        groups = _groups(meta, len(self.addresses), self.stripe_rows) if fields else []
+        replies = await self._gather(
+            [
+                self._request(
+                    unit,
+                    p.GetRows(
+                        partition_id=pid,
+                        global_indexes=p.ids_to_wire(meta.global_index_array[pos]),
+                        fields=fields,
+                    ),
+                )
+                for pid, unit, pos in groups
+            ]
+        )
+        decoded = [
+            (pos, decode_columns(reply.columns, frames, copy=False))
+            for (_, _, pos), (reply, frames) in zip(groups, replies, strict=True)
+        ]
+        # One unit answered for every row, in order, in frames that belong to this call alone:
+        # its columns are the result (no re-assembly copy).
+        whole = len(groups) == 1 and self._connect(self.addresses[groups[0][1]]).private_replies
+        columns: dict[str, Any] = {}
+        for name in fields:
+            parts = []
+            for pos, cols in decoded:
+                if name not in cols:
+                    raise NotFoundError(
+                        f"field {name!r}: a storage unit answered without it "
+                        f"(rows {meta.global_index_array[pos[:8]].tolist()})"
+                    )
+                parts.append((pos, cols[name]))
+            schema = _column_schema(name, known.get(name), parts)
+            if schema is None:
+                continue  # no rows and no schema: nothing can be said about the column
+            if whole and _returns_as_is(schema, parts[0][1]):
+                columns[name] = parts[0][1]
+            else:
+                columns[name] = assemble(parts, n, schema, field=name)
+        return to_tensordict(columns, n)
+
+    async def clear_data(self, meta: BatchMeta) -> None:
+        await self._gather(
+            [
+                self._request(
+                    unit,
+                    p.DropRows(partition_id=pid, global_indexes=p.ids_to_wire(meta.global_index_array[pos])),
+                )
+                for pid, unit, pos in _groups(meta, len(self.addresses), self.stripe_rows)
+            ],
+            lost_ok=True,
+        )
+
+    async def clear_partition(self, partition_id: str) -> None:
+        await self._gather(
+            [
+                self._request(u, p.DropPartition(partition_id=partition_id))
+                for u in range(len(self.addresses))
+            ],
+            lost_ok=True,
+        )
+
+    async def export_partition(
+        self, partition_id: str
+    ) -> list[tuple[np.ndarray, dict[str, tuple[np.ndarray, Any]]]]:
+        """Per unit: every row of the partition and, per field, the rows having it and their values."""
+        replies = await self._gather(
+            [self._request(u, p.ExportRows(partition_id=partition_id)) for u in range(len(self.addresses))]
+        )
+        return [decode_export(reply, frames) for reply, frames in replies]
+
+    def take_lost(self) -> list[StorageLost]:
+        lost, self._lost = self._lost, []
+        return lost
+
+    async def statistics(self) -> dict[str, Any]:
+        results = await asyncio.gather(
+            *(self._request(u, p.Stats()) for u in range(len(self.addresses))), return_exceptions=True
+        )
+        units: dict[str, Any] = {}
+        for address, result in zip(self.addresses, results, strict=True):
+            if isinstance(result, StorageLost):
+                self._lost.append(result)
+            if isinstance(result, BaseException):
+                units[address] = {"error": f"{type(result).__name__}: {result}"}
+            else:
+                units[address] = result[0].stats
+        return {
+            "backend": self.name,
+            "num_units": len(self.addresses),
+            "stripe_rows": self.stripe_rows,
+            "rows": sum(u.get("rows", 0) for u in units.values()),
+            "units": units,
+        }
+
+
+def _returns_as_is(schema: FieldSchema, value: Any) -> bool:
+    """Whether a decoded part already has the kind ``assemble`` would build for ``schema``."""
+    kind, d = target_kind(schema)
+    if kind == "object":
+        return isinstance(value, list)
+    if not hasattr(value, "dtype") or str(value.dtype).removeprefix("torch.") != schema.dtype:
+        return False
+    if kind == "dense":
+        return not value.is_nested and tuple(value.shape[1:]) == tuple(schema.shape)
+    if kind == "jagged":
+        return value.is_nested and value.layout == torch.jagged and value._ragged_idx - 1 == d
+    return False
+
+
+def _column_schema(
+    name: str, known: FieldSchema | None, parts: list[tuple[np.ndarray, Any]]
+) -> FieldSchema | None:
+    """The column's schema: the metadata's, widened by what the units hold (only if it is stale)."""
+    schema = known
+    try:
+        for pos, value in parts:
+            if len(pos):
+                seen = schema_of(value, name)
+                schema = seen if schema is None else schema.merge(seen)
+    except SchemaError as exc:
+        raise SchemaError(f"field {name!r}: {exc}") from None
+    return schema
+
+
+register_storage_manager("simple", SimpleStorageManager)
