@@ -4,12 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo bench clean compat
 
 setup: $(STAMP)
 
 # torch==2.13.0 first: it is the local CPU wheel; a bare `torch` requirement would pull a CUDA build.
-$(STAMP): pyproject.toml
+# setup.py ships the tq_loader_alias.pth start-up hook (TQ_LOADER_ALIAS_TRANSFER_QUEUE=1) with the package.
+$(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
@@ -28,6 +29,21 @@ demo: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.run
+
+# TransferQueue 0.1.11 in its own venv, only for the tutorials and tests its wheel ships (and the
+# reference run: `$(BIN)/python -m compat.run --against transferqueue`). torch first, as above.
+TQ_VENV := .venv-tq
+TQ_STAMP := $(TQ_VENV)/.installed
+
+$(TQ_STAMP):
+	test -x $(TQ_VENV)/bin/python || $(PY) -m venv $(TQ_VENV)
+	$(TQ_VENV)/bin/pip install -q --upgrade pip
+	$(TQ_VENV)/bin/pip install -q torch==2.13.0
+	$(TQ_VENV)/bin/pip install -q 'TransferQueue[test]==0.1.11' pytest-timeout
+	touch $(TQ_STAMP)
+
+compat: setup $(TQ_STAMP)
+	$(BIN)/python -m compat.run
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
