@@ -280,9 +280,10 @@ def test_samples_views():
 
 def test_getitem():
     meta = make(5)
-    assert meta[0].global_index == 100
-    assert meta[-1].global_index == 104
-    assert meta[np.int64(-2)].global_index == 103
+    row = meta[0]  # one row as a batch, as in TransferQueue (per-row views are meta.samples)
+    assert isinstance(row, BatchMeta) and row.global_indexes == [100] and row.field_names == ["a", "b"]
+    assert meta[-1].global_indexes == [104]
+    assert meta[np.int64(-2)].global_indexes == [103]
     part = meta[1:4]
     assert isinstance(part, BatchMeta) and part.global_index_array.tolist() == [101, 102, 103]
     assert meta[::-1].global_index_array.tolist() == [104, 103, 102, 101, 100]
@@ -441,21 +442,18 @@ def test_concat_merges_extra_info():
         BatchMeta.concat([a, b])
 
 
-def test_union_skips_rows_already_present():
-    a = BatchMeta([1, 2], "p", {"x": F32})
-    b = BatchMeta([2, 3, 1, 2], ["p", "p", "p", "q"], {"x": F32})
+def test_union_merges_the_columns_of_the_same_rows():
+    a = BatchMeta([1, 2], "p", {"x": F32}, production_status=[1, 1], custom_meta=[{"k": 1}, {}])
+    b = BatchMeta([1, 2], "p", {"y": I64}, production_status=[1, 0], custom_meta=[{"k": 2}, {"j": 3}])
     out = a.union(b)
-    assert list(zip(out.partition_id_array.tolist(), out.global_index_array.tolist())) == [
-        ("p", 1),
-        ("p", 2),
-        ("p", 3),
-        ("q", 2),  # same global index, other partition: a different row
-    ]
-    assert a.union(BatchMeta.empty()) == a
-    assert BatchMeta.empty().union(a) == a
-    assert a.union(a) == a
-    with pytest.raises(SchemaError):
-        a.union(BatchMeta([9], "p", {"y": F32}))
+    assert out.global_indexes == [1, 2] and out.field_names == ["x", "y"]
+    assert out.production_status.tolist() == [1, 0]
+    assert out.get_all_custom_meta() == [{"k": 2}, {"j": 3}]
+    assert a.union(BatchMeta.empty()) == a and BatchMeta.empty().union(a) == a and a.union(a) == a
+    with pytest.raises(SchemaError, match="global_indexes do not match"):
+        a.union(BatchMeta([2, 1], "p", {"y": F32}))  # same rows, other order: not the same rows
+    with pytest.raises(SchemaError, match="partition_ids do not match"):
+        a.union(BatchMeta([1, 2], "q", {"y": F32}))
 
 
 def test_reorder_in_place():

@@ -50,14 +50,23 @@ def test_sequential_accepts_numpy_and_returns_python_ints() -> None:
     assert all(type(i) is int for i in sampled)
 
 
-def test_sequential_too_few_ready_is_empty() -> None:
-    assert SequentialSampler().sample([1, 2], 3) == ([], [])
+def test_sequential_too_few_ready_gives_what_is_ready_as_transferqueue() -> None:
+    assert SequentialSampler().sample([1, 2], 3, allow_partial=True) == ([1, 2], [1, 2])  # STRICT-UNTIL
     assert SequentialSampler().sample([], 1) == ([], [])
+    assert SequentialSampler().sample([1, 2, 3], 0) == ([], [])
+    assert SequentialSampler().sample([1, 2], 3, allow_partial=False) == ([], [])  # strict on request
 
 
-def test_sequential_allow_partial_returns_what_is_ready() -> None:
-    assert SequentialSampler().sample([1, 2], 3, allow_partial=True) == ([1, 2], [1, 2])
-    assert SequentialSampler().sample([], 3, allow_partial=True) == ([], [])
+def test_sample_batch_waits_until_enough_rows_are_ready() -> None:
+    """The controller's entry: too few ready rows is "wait" whatever the sampler returns for them."""
+    sampler = SequentialSampler()
+    assert sampler.sample_batch([1, 2], 3) == ([], [])
+    assert sampler.sample_batch([1, 2, 3, 4], 3) == ([1, 2, 3], [1, 2, 3])
+    assert sampler.sample_batch([1, 2], 3, allow_partial=True) == ([1, 2], [1, 2])
+    assert sampler.sample_batch([], 3, allow_partial=True) == ([], [])
+    assert GRPOGroupNSampler(2).sample_batch([0, 1, 3], 2) == ([0, 1], [0, 1])
+    with pytest.raises(ValueError, match="batch_size"):
+        sampler.sample_batch([1], 0)
 
 
 def test_unknown_sampling_config_keys_are_ignored() -> None:
@@ -65,10 +74,13 @@ def test_unknown_sampling_config_keys_are_ignored() -> None:
     assert out == ([0, 1], [0, 1])
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5, True, None])
-def test_invalid_batch_size_is_rejected(bad: Any) -> None:
-    with pytest.raises(ValueError, match="batch_size"):
-        SequentialSampler().sample([0, 1], bad)
+@pytest.mark.parametrize("bad", [-1, 1.5, True, None])
+@pytest.mark.parametrize("sampler", [SequentialSampler(), RankAwareSampler(), GRPOGroupNSampler(2)], ids=repr)
+def test_invalid_batch_size_is_rejected(sampler: BaseSampler, bad: Any) -> None:
+    # a negative size is refused: TransferQueue's sequential sampler slices with it (all rows but the last)
+    with pytest.raises(ValueError, match="batch_size") as info:
+        sampler.sample([0, 1], bad)
+    assert isinstance(info.value, TQError)
 
 
 def test_non_integer_ready_indexes_are_rejected() -> None:
@@ -105,11 +117,22 @@ def test_grpo_skips_incomplete_groups() -> None:
     assert sampler.sample([0, 1, 3, 4, 6, 7], 6) == ([], [])
 
 
-def test_grpo_never_takes_a_run_straddling_two_prompts() -> None:
-    # 1,2,3 are consecutive but belong to prompts 0 (0..2) and 1 (3..5).
-    assert GRPOGroupNSampler(3).sample([1, 2, 3], 3) == ([], [])
-    # ...unless the producer's groups start at 1.
+def test_grpo_aligned_rule_never_takes_a_run_straddling_two_prompts() -> None:
+    # With group_base, groups are aligned blocks: 1,2,3 are consecutive but belong to prompts 0 (0..2)
+    # and 1 (3..5).
+    assert GRPOGroupNSampler(3).sample([1, 2, 3], 3, group_base=0) == ([], [])
     assert GRPOGroupNSampler(3).sample([1, 2, 3], 3, group_base=1) == ([1, 2, 3], [1, 2, 3])
+    # Without group_ids or group_base (a direct call), TransferQueue's run rule: any n consecutive.
+    assert GRPOGroupNSampler(3).sample([1, 2, 3], 3) == ([1, 2, 3], [1, 2, 3])
+
+
+def test_grpo_run_rule_sorts_and_cuts_runs_from_their_start() -> None:
+    sampler = GRPOGroupNSampler(4)
+    assert sampler.sample([3, 4, 5, 6, 9, 10, 11, 12], 8) == ([3, 4, 5, 6, 9, 10, 11, 12],) * 2
+    assert sampler.sample([10, 11, 12, 5, 6, 7, 8, 9], 8) == ([5, 6, 7, 8, 9, 10, 11, 12],) * 2
+    assert sampler.sample([0, 1, 2, 3, 4, 5], 8) == ([], [])  # the run 0..5 holds one group, not two
+    assert GRPOGroupNSampler(2).sample([0, 0, 1, 1], 4) == ([], [])  # duplicates are not a group
+    assert sampler.sample(list(range(8)), 0) == ([], [])
 
 
 def test_grpo_batch_size_not_multiple_of_n_is_value_error() -> None:
@@ -162,10 +185,21 @@ def test_grpo_matches_brute_force_reference(ready: list[int], n: int, groups: in
     expected = [g * n + j for g in chosen for j in range(n)]
     if len(chosen) < groups and not partial:
         expected = []
-    assert GRPOGroupNSampler(n).sample(ready, groups * n, allow_partial=partial) == (expected, expected)
+    got = GRPOGroupNSampler(n).sample(ready, groups * n, allow_partial=partial, group_base=0)
+    assert got == (expected, expected)
     # the labelled rule with ids = index // n must agree
     ids = np.asarray(ready, dtype=np.int64) // n
     assert GRPOGroupNSampler(n).sample(ready, groups * n, allow_partial=partial, group_ids=ids)[0] == expected
+    # the run rule (no group_ids / group_base): each run of consecutive indexes cut from its start
+    runs: list[list[int]] = []
+    for i in ready:
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    run_groups = [run[k : k + n] for run in runs for k in range(0, len(run) - n + 1, n)][:groups]
+    expected = [] if len(run_groups) < groups and not partial else _flat(run_groups)
+    assert GRPOGroupNSampler(n).sample(ready, groups * n, allow_partial=partial)[0] == expected
 
 
 def test_grpo_constructor_validates_n() -> None:

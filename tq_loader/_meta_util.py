@@ -4,16 +4,35 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Mapping, Sequence
+import threading
+import warnings
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from tq_loader.errors import ProtocolError, SchemaError
+from tq_loader.schema import normalize_schema
 
 _WIRE_VERSION = 1
 _PLAIN = (type(None), bool, int, float, str, bytes)
+_WARNED: set[Hashable] = set()
+_WARNED_LOCK = threading.Lock()
+
+
+def warn_once(key: Hashable, message: str, stacklevel: int = 3) -> bool:
+    """Emit ``message`` as a UserWarning the first time ``key`` is seen in this process.
+
+    Used where tq_loader deliberately differs from TransferQueue: the difference is said once,
+    with what to write instead, without flooding a training loop. Returns whether it warned.
+    """
+    with _WARNED_LOCK:
+        if key in _WARNED:
+            return False
+        _WARNED.add(key)
+    warnings.warn(message, UserWarning, stacklevel=stacklevel)
+    return True
 
 
 def _frozen(arr: np.ndarray) -> np.ndarray:
@@ -92,8 +111,8 @@ def _merge_extra_info(infos: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             kinds = sorted({type(v).__name__ for v in values})
             raise SchemaError(
-                f"concat: extra_info[{key!r}] differs between batches ({kinds}) and has no merge rule; "
-                "make the values equal, lists or tensors, or remove the key before concat"
+                f"concat: extra_info[{key!r}] has conflicting values across batches ({kinds}) and no merge "
+                "rule; make the values equal, lists or tensors, or remove the key before concat"
             )
     return copy.deepcopy(merged)
 
@@ -128,3 +147,186 @@ def _arr_from_wire(spec: Any, dtype: str, count: int | None, what: str) -> np.nd
     if count is not None and arr.size != count:
         raise ProtocolError(f"{what}: {arr.size} entries for {count} rows")
     return _frozen(arr)
+
+
+# ---------------------------------------------------------------- per-row custom meta of a BatchMeta
+#
+# A batch's custom meta is None (every row empty), an object array of dict|None that derived batches
+# share and nobody writes, or -- after ``BatchMeta.custom_meta`` was read -- the batch's own live list
+# of dicts, handed to the caller to edit (TransferQueue's type). Deriving from a live list deep-copies
+# the selected rows, so no two batches ever share a dict that someone may edit.
+
+
+def _object_array(values: Sequence[Any]) -> np.ndarray:
+    arr = np.empty(len(values), dtype=object)
+    arr[:] = list(values)
+    return arr
+
+
+def own_custom(custom: np.ndarray | list | None, n: int) -> list[dict[str, Any]]:
+    """The batch's live list of per-row dicts, made (deep-copied) on first use."""
+    if isinstance(custom, list):
+        if len(custom) != n or not all(isinstance(m, dict) for m in custom):
+            raise SchemaError(
+                f"custom_meta must stay a list of {n} dicts (one per row); replace rows' dicts, do not "
+                "add or remove entries (use select_samples / concat to change the rows)"
+            )
+        return custom
+    if custom is None:
+        return [{} for _ in range(n)]
+    return [copy.deepcopy(m) if m else {} for m in custom]
+
+
+def custom_rows(custom: np.ndarray | list | None, key: Any) -> np.ndarray | None:
+    """Custom meta of rows ``key`` (a slice or positions) for a derived batch."""
+    if custom is None:
+        return None
+    if isinstance(custom, list):
+        return _object_array([copy.deepcopy(m) for m in _object_array(custom)[key]])
+    return custom[key]
+
+
+def custom_row(custom: np.ndarray | list | None, pos: int) -> dict[str, Any] | None:
+    return None if custom is None else custom[pos]
+
+
+def concat_custom(parts: list[tuple[np.ndarray | list | None, int]]) -> np.ndarray | None:
+    """Custom meta of concatenated batches (None when every part is empty)."""
+    if all(c is None for c, _ in parts):
+        return None
+    filled = [
+        np.full(n, None, object) if c is None else custom_rows(c, slice(None)) if isinstance(c, list) else c
+        for c, n in parts
+    ]
+    return np.concatenate(filled)
+
+
+def union_rows(a: np.ndarray | list | None, b: np.ndarray | list | None, n: int) -> np.ndarray | None:
+    """Per-row merge of two batches' custom meta for the same rows; ``b`` wins on equal keys."""
+    if a is None and b is None:
+        return None
+    a_rows = [None] * n if a is None else a
+    b_rows = [None] * n if b is None else b
+    return _object_array([copy.deepcopy({**(x or {}), **(y or {})}) or None for x, y in zip(a_rows, b_rows)])
+
+
+def permute(custom: np.ndarray | list | None, pos: np.ndarray) -> Any:
+    """Rows of per-row meta in the order ``pos`` (live lists stay live: same dicts, new order)."""
+    if custom is None:
+        return None
+    if isinstance(custom, list):
+        return [custom[i] for i in pos.tolist()]
+    return custom[pos]
+
+
+def merge_into(
+    custom: np.ndarray | list | None, n: int, pairs: Sequence[tuple[int, Mapping[str, Any] | None]]
+) -> np.ndarray | list:
+    """``custom`` with each ``(position, dict)`` merged in: live dicts in place, else copy-on-write."""
+    if isinstance(custom, list):
+        for pos, meta in pairs:
+            if meta:
+                custom[pos].update(copy.deepcopy(dict(meta)))
+        return custom
+    arr = np.full(n, None, object) if custom is None else custom.copy()
+    for pos, meta in pairs:
+        if meta:
+            arr[pos] = {**(arr[pos] or {}), **copy.deepcopy(dict(meta))}
+    return arr
+
+
+# ---------------------------------------------------------------- TransferQueue's _custom_backend_meta
+
+
+def backend_list(entries: Sequence[Any], n: int) -> list[dict[str, Any]]:
+    """A validated deep copy of per-row backend meta (one dict per row)."""
+    if len(entries) != n or not all(isinstance(m, Mapping) for m in entries):
+        raise SchemaError(f"_custom_backend_meta needs {n} dicts (one per row), got {len(entries)} entries")
+    return [copy.deepcopy(dict(m)) for m in entries]
+
+
+def backend_rows(backend: list | None, key: Any, fields: Iterable[str] | None = None) -> list | None:
+    """Backend meta of rows ``key``, deep-copied; only the keys in ``fields`` when given."""
+    if backend is None:
+        return None
+    picked = _object_array(backend)[key]
+    if fields is None:
+        return [copy.deepcopy(m) for m in picked]
+    keep = set(fields)
+    return [{k: copy.deepcopy(v) for k, v in m.items() if k in keep} for m in picked]
+
+
+def concat_backend(parts: list[tuple[list | None, int]]) -> list | None:
+    if all(b is None for b, _ in parts):
+        return None
+    return [copy.deepcopy(m) for b, n in parts for m in (b if b is not None else [{}] * n)]
+
+
+def union_backend(a: list | None, b: list | None, n: int) -> list | None:
+    if a is None and b is None:
+        return None
+    a, b = a or [{}] * n, b or [{}] * n
+    return [copy.deepcopy({**x, **y}) for x, y in zip(a, b)]
+
+
+# ---------------------------------------------------------------- BatchMeta wire form
+
+
+def batch_to_wire(meta: Any) -> dict[str, Any]:
+    """A BatchMeta as a plain msgpack-able dict (raw bytes for arrays, lists for schemas)."""
+    _check_plain(meta.extra_info, "extra_info")
+    pids_arr = meta._pids
+    pids: dict[str, Any] = {"names": [], "codes": None}
+    if meta.size and (pids_arr == pids_arr[0]).all():
+        pids["names"] = [str(pids_arr[0])]
+    elif meta.size:
+        names, codes = np.unique(pids_arr, return_inverse=True)
+        pids = {"names": names.tolist(), "codes": _arr_to_wire(codes.reshape(-1), "<i4")}
+    backend = meta._backend
+    if backend is not None:
+        _check_plain(backend, "_custom_backend_meta")
+    return {
+        "v": _WIRE_VERSION,
+        "global_indexes": _arr_to_wire(meta._gidx, "<i8"),
+        "partition_ids": pids,
+        "production_status": _arr_to_wire(meta._status, "|i1"),
+        "field_schema": [
+            [n, s.dtype, list(s.shape), s.is_nested, s.is_non_tensor] for n, s in meta._schema.items()
+        ],
+        "custom_meta": None if meta._custom is None else [m or None for m in meta._custom],
+        "custom_backend_meta": backend,
+        "extra_info": dict(meta.extra_info),
+        "end_of_stream": meta._eos,
+    }
+
+
+def batch_parts_from_wire(d: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The arguments of ``BatchMeta._make`` from :func:`batch_to_wire`'s dict; ``ProtocolError`` if malformed."""
+    try:
+        if d["v"] != _WIRE_VERSION:
+            raise ProtocolError(f"BatchMeta wire version {d['v']!r}, this side speaks {_WIRE_VERSION}")
+        gidx = _arr_from_wire(d["global_indexes"], "<i8", None, "global_indexes")
+        n = gidx.size
+        names = np.asarray(d["partition_ids"]["names"], dtype=str).reshape(-1)
+        codes = d["partition_ids"]["codes"]
+        codes = np.zeros(n, np.intp) if codes is None else _arr_from_wire(codes, "<i4", n, "partition codes")
+        if n and (codes.min() < 0 or codes.max() >= names.size):
+            raise ProtocolError(f"partition_ids: codes outside the {names.size} partition names")
+        status = _arr_from_wire(d["production_status"], "|i1", n, "production_status")
+        schema = {name: normalize_schema(rest, name) for name, *rest in d["field_schema"]}
+        custom = None if d["custom_meta"] is None else _custom_array(d["custom_meta"], n, deep=False)
+        backend = d.get("custom_backend_meta")
+        if backend is not None and (
+            not isinstance(backend, list)
+            or len(backend) != n
+            or not all(isinstance(m, dict) for m in backend)
+        ):
+            raise ProtocolError(f"custom_backend_meta must be {n} maps, one per row")
+        extra_info = d["extra_info"]
+        if not isinstance(extra_info, dict):
+            raise ProtocolError(f"extra_info must be a map, got {type(extra_info).__name__}")
+        return gidx, names[codes], status, schema, custom, extra_info, bool(d["end_of_stream"]), backend
+    except ProtocolError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise ProtocolError(f"malformed BatchMeta wire form: {type(e).__name__}: {e}") from e

@@ -25,7 +25,9 @@ import numpy as np
 import torch
 from tensordict import NonTensorData, NonTensorStack
 
+from tq_loader._meta_util import warn_once
 from tq_loader.errors import ProtocolError, SchemaError
+from tq_loader.schema import numpy_dtype_error, numpy_torch_dtype
 
 __all__ = ["decode_objects", "encode_objects", "non_tensor_rows", "non_tensor_stack", "numpy_column"]
 
@@ -72,10 +74,7 @@ def _check(value: Any, field: str, path: str, depth: int) -> None:
             _check(item, field, f"{path}[{key!r}]", depth + 1)
     elif isinstance(value, (np.ndarray, np.generic)):
         if not _is_numeric(value.dtype):
-            raise SchemaError(
-                f"field {field!r}: numpy dtype {value.dtype} at {path} cannot be sent; only bool, int, "
-                "uint, float and complex numpy values are supported (use .tolist() for others)"
-            )
+            raise numpy_dtype_error(value.dtype, field, path)
     else:
         raise _refuse(field, value, path)
 
@@ -146,13 +145,43 @@ def decode_objects(buf: memoryview | bytes, nrows: int, field: str) -> list[Any]
     return rows
 
 
-def non_tensor_rows(value: NonTensorStack | NonTensorData) -> list[Any]:
-    """The per-row values of a tensordict non-tensor entry (``NonTensorData`` repeats its value)."""
+def non_tensor_rows(value: NonTensorStack | NonTensorData, field: str = "?") -> list[Any]:
+    """The per-row values of a tensordict non-tensor entry; the one place that turns them into rows.
+
+    ``NonTensorStack``: one value per row. ``NonTensorData`` holds one value for the whole batch;
+    as in TransferQueue, a ``list`` or numpy array with exactly one entry per row is read as the
+    rows themselves: ``NonTensorData(data=[{"i": 0}, {"i": 1}], batch_size=(2,))`` is the rows
+    ``{"i": 0}``, ``{"i": 1}``. (tensordict itself wraps str/bytes/object numpy columns this way.)
+    Any other value is repeated for every row, as tensordict does; a list or array whose length is
+    not the row count is repeated too, with a one-time warning, because TransferQueue would index
+    into it instead.
+    """
     if not value.batch_size:
-        raise SchemaError("a non-tensor value without batch dimension is not a column")
+        raise SchemaError(f"field {field!r}: a non-tensor value without batch dimension is not a column")
     if isinstance(value, NonTensorStack):
         return value.tolist()
-    return [value.data] * value.batch_size[0]
+    if len(value.batch_size) > 1:
+        return value.tolist()  # nested per-row lists, tensordict's reading
+    n, data = int(value.batch_size[0]), value.data
+    if isinstance(data, (list, np.ndarray)) and len(data) == n:
+        return _array_rows(data, field) if isinstance(data, np.ndarray) else list(data)
+    if isinstance(data, (list, np.ndarray)):
+        warn_once(
+            ("non_tensor_rows", field),
+            f"field {field!r}: NonTensorData holds a {type(data).__name__} of {len(data)} values for "
+            f"{n} rows, so every row gets the whole value (tensordict's reading; TransferQueue would "
+            f"index into it). For one value per row pass exactly {n} values, or a NonTensorStack.",
+        )
+    return [data] * n
+
+
+def _array_rows(arr: np.ndarray, field: str) -> list[Any]:
+    """Rows of a numpy array as plain values (str/bytes/objects) or numpy values (numeric dtypes)."""
+    if arr.dtype.kind in "OUS":
+        return arr.tolist()
+    if numpy_torch_dtype(arr.dtype) is None:
+        raise numpy_dtype_error(arr.dtype, field)
+    return list(arr)
 
 
 def non_tensor_stack(rows: list[Any] | tuple[Any, ...]) -> NonTensorStack:
@@ -161,16 +190,19 @@ def non_tensor_stack(rows: list[Any] | tuple[Any, ...]) -> NonTensorStack:
 
 
 def numpy_column(arr: np.ndarray, field: str) -> torch.Tensor | list[Any]:
-    """A numpy column as a tensor (numeric dtypes, zero-copy when possible) or a list of rows."""
+    """A numpy column as a tensor (numeric dtypes, zero-copy when possible) or a list of rows.
+
+    str (``U``), bytes (``S``) and object arrays become non-tensor columns, one value per row
+    (``tolist()``: bytes stay bytes, objects as they are). Any other dtype without a torch
+    equivalent (datetime64, timedelta64, records, float128) is refused with a ``SchemaError`` that
+    names the field and says what to convert it to.
+    """
     if arr.ndim == 0:
         raise SchemaError(f"field {field!r}: a 0-d array is not a column; give it a leading batch dimension")
-    if arr.dtype.kind in "OUS":  # strings / Python objects: a non-tensor column
+    if arr.dtype.kind in "OUS":  # strings / bytes / Python objects: a non-tensor column
         return arr.tolist()
-    if not _is_numeric(arr.dtype):
-        raise SchemaError(f"field {field!r}: numpy dtype {arr.dtype} cannot be sent; use a numeric dtype")
+    if numpy_torch_dtype(arr.dtype) is None:
+        raise numpy_dtype_error(arr.dtype, field)
     if not (arr.dtype.isnative and arr.flags.writeable and arr.flags.c_contiguous):
         arr = np.array(arr, dtype=arr.dtype.newbyteorder("="), order="C")
-    try:
-        return torch.from_numpy(arr)
-    except TypeError as exc:  # e.g. float128
-        raise SchemaError(f"field {field!r}: numpy dtype {arr.dtype} has no torch equivalent") from exc
+    return torch.from_numpy(arr)

@@ -3,12 +3,17 @@
 Columnar so that a batch of B rows costs O(F) numpy calls, never B Python objects: global indexes,
 partition ids and production status are read-only numpy arrays, custom meta is an optional object
 array (``None`` = every row empty). Arrays are never written in place -- a change replaces the
-array -- so derived batches (chunks, selections, copies) share them safely.
+array -- so derived batches (chunks, selections, copies) share them safely. The one exception is
+``custom_meta``: as in TransferQueue it is a live list whose dicts the caller may edit, so reading
+it gives the batch its own copy first (see :func:`tq_loader._meta_util.own_custom`).
 
-Behaviour follows TransferQueue's columnar ``BatchMeta``/``KVBatchMeta``, except: ``select_fields``
-rejects unknown names (``NotFoundError``), ``concat`` keeps equal ``extra_info`` values instead of
-refusing scalars, ``union`` de-duplicates by (partition, global index), and ``is_end_of_stream``
-marks the last batch of a sealed partition. Both classes have a pickle-free wire form.
+Behaviour follows TransferQueue 0.1.11's columnar ``BatchMeta``/``KVBatchMeta`` (public types:
+lists of ints/str, dict-like field schemas with torch dtypes, live custom meta), except:
+``select_fields`` rejects unknown names (``NotFoundError``), ``concat`` joins differing list /
+tensor ``extra_info`` values instead of refusing them, ``production_status`` is read-only (assign
+a new array instead of writing into it), ``get_shapes`` of a jagged field marks the varying
+dimensions with -1 (one-time warning), and ``is_end_of_stream`` marks the last batch of a sealed
+partition. Both classes have a pickle-free wire form.
 """
 
 from __future__ import annotations
@@ -22,19 +27,17 @@ import numpy as np
 import torch
 from tensordict import TensorDictBase
 
+from tq_loader import _meta_util as rows
 from tq_loader._meta_util import (
-    _WIRE_VERSION,
-    _arr_from_wire,
-    _arr_to_wire,
-    _check_plain,
     _chunk_slices,
     _custom_array,
     _frozen,
     _int_array,
     _merge_extra_info,
     _values_equal,
+    warn_once,
 )
-from tq_loader.errors import NotFoundError, ProtocolError, SchemaError
+from tq_loader.errors import NotFoundError, SchemaError
 from tq_loader.schema import FieldSchema, dtype_name, normalize_schema, schema_of
 
 __all__ = [
@@ -44,6 +47,7 @@ __all__ = [
     "KVBatchMeta",
     "SampleMeta",
     "dtype_name",
+    "extract_field_schema",
     "normalize_schema",
     "schema_of",
 ]
@@ -89,13 +93,20 @@ class _SampleList(Sequence):
         return self._batch._sample(i)
 
 
+def extract_field_schema(data: TensorDictBase | Mapping[str, Any]) -> dict[str, FieldSchema]:
+    """Schema of every column of ``data`` (TransferQueue's helper; entries read like its dicts)."""
+    if not isinstance(data, (TensorDictBase, Mapping)):
+        raise SchemaError(f"extract_field_schema needs a TensorDict or a dict, got {type(data).__name__}")
+    return {name: schema_of(data.get(name), name) for name in data.keys()}  # noqa: SIM118
+
+
 # ---------------------------------------------------------------- BatchMeta
 
 
 class BatchMeta:
     """Metadata of a batch of rows: indexes, partitions, production status, field schemas, custom meta."""
 
-    __slots__ = ("_custom", "_eos", "_gidx", "_pids", "_schema", "_status", "extra_info")
+    __slots__ = ("_backend", "_custom", "_eos", "_gidx", "_pids", "_schema", "_status", "extra_info")
 
     def __init__(
         self,
@@ -105,6 +116,7 @@ class BatchMeta:
         production_status: Any = None,
         extra_info: dict[str, Any] | None = None,
         custom_meta: Sequence[dict[str, Any]] | None = None,
+        _custom_backend_meta: Sequence[dict[str, Any]] | None = None,
         *,
         end_of_stream: bool = False,
     ) -> None:
@@ -116,37 +128,50 @@ class BatchMeta:
             pids = np.array(np.asarray(partition_ids, dtype=str).reshape(-1))
         if pids.size != n:
             raise SchemaError(f"length mismatch: {n} global_indexes but {pids.size} partition_ids")
-        status = (
-            np.zeros(n, np.int8)
-            if production_status is None
-            else _int_array(production_status, "production_status", np.int8, "iub")
-        )
+        custom = None if custom_meta is None else _custom_array(custom_meta, n, deep=True)
+        backend = None if _custom_backend_meta is None else rows.backend_list(_custom_backend_meta, n)
+        self._init(
+            gidx, pids, self._status_array(production_status, n), self._schema_dict(field_schema), custom,
+            copy.deepcopy(extra_info or {}), bool(end_of_stream), backend,
+        )  # fmt: skip
+
+    @staticmethod
+    def _status_array(production_status: Any, n: int) -> np.ndarray:
+        if production_status is None:
+            return np.zeros(n, np.int8)
+        status = _int_array(production_status, "production_status", np.int8, "iub")
         if status.size != n:
             raise SchemaError(f"production_status has {status.size} entries for {n} rows")
-        schema = {name: normalize_schema(m, name) for name, m in (field_schema or {}).items()}
-        custom = None if custom_meta is None else _custom_array(custom_meta, n, deep=True)
-        self._init(gidx, pids, status, schema, custom, copy.deepcopy(extra_info or {}), bool(end_of_stream))
+        return status
 
-    def _init(self, gidx, pids, status, schema, custom, extra_info, eos) -> None:
+    @staticmethod
+    def _schema_dict(field_schema: Mapping[str, Any] | None) -> dict[str, FieldSchema]:
+        return {name: normalize_schema(m, name) for name, m in (field_schema or {}).items()}
+
+    def _init(self, gidx, pids, status, schema, custom, extra_info, eos, backend=None) -> None:
         self._gidx, self._pids, self._status = _frozen(gidx), _frozen(pids), _frozen(status)
         self._schema: dict[str, FieldSchema] = schema
-        self._custom: np.ndarray | None = custom  # object array of dict|None (None = {}), or None
+        # None (every row empty), an object array of dict|None shared with derived batches (never
+        # written), or -- once ``custom_meta`` was read -- this batch's own live list of dicts.
+        self._custom: np.ndarray | list[dict[str, Any]] | None = custom
+        self._backend: list[dict[str, Any]] | None = backend  # TransferQueue's _custom_backend_meta
         self.extra_info: dict[str, Any] = extra_info
         self._eos: bool = eos
 
     @classmethod
-    def _make(cls, gidx, pids, status, schema, custom, extra_info, eos) -> BatchMeta:
+    def _make(cls, gidx, pids, status, schema, custom, extra_info, eos, backend=None) -> BatchMeta:
         """Build from arrays the caller owns, without validation or copies (the hot path)."""
         out = object.__new__(cls)
-        out._init(gidx, pids, status, schema, custom, extra_info, eos)
+        out._init(gidx, pids, status, schema, custom, extra_info, eos, backend)
         return out
 
     def _derive(self, key: Any, schema: dict[str, FieldSchema] | None = None) -> BatchMeta:
         """Rows ``key`` (slice -> views, index array -> copies) of this batch as a new batch."""
-        custom = None if self._custom is None else self._custom[key]  # written only after a copy
+        fields = None if schema is None else list(schema)  # select_fields also narrows the backend meta
         return BatchMeta._make(
             self._gidx[key], self._pids[key], self._status[key], dict(self._schema if schema is None else schema),
-            custom, copy.deepcopy(self.extra_info), self._eos,
+            rows.custom_rows(self._custom, key), copy.deepcopy(self.extra_info), self._eos,
+            rows.backend_rows(self._backend, key, fields),
         )  # fmt: skip
 
     @classmethod
@@ -188,12 +213,25 @@ class BatchMeta:
 
     @property
     def production_status(self) -> np.ndarray:
-        """Read-only int8 array: 1 (READY_FOR_CONSUME) where the row's fields are produced."""
+        """Read-only int8 array: 1 (READY_FOR_CONSUME) where the row's fields are produced.
+
+        TransferQueue's array is writable; here it is shared with derived batches, so writing into
+        it raises -- assign a new one instead (``meta.production_status = new_array``).
+        """
         return self._status
+
+    @production_status.setter
+    def production_status(self, value: Any) -> None:
+        self._status = _frozen(self._status_array(value, self.size))
 
     @property
     def field_schema(self) -> dict[str, FieldSchema]:
+        """Field -> schema; each schema reads like TransferQueue's dict (``["dtype"]`` is a torch dtype)."""
         return dict(self._schema)
+
+    @field_schema.setter
+    def field_schema(self, value: Mapping[str, Any]) -> None:
+        self._schema = self._schema_dict(value)
 
     @property
     def field_names(self) -> list[str]:
@@ -214,27 +252,50 @@ class BatchMeta:
 
     @property
     def custom_meta(self) -> list[dict[str, Any]]:
-        return self.get_all_custom_meta()
+        """Each row's custom meta as a live list of dicts, as in TransferQueue: edits stay in the batch.
+
+        The first read gives this batch its own copy of the dicts (batches derived earlier keep
+        theirs). Use :meth:`get_all_custom_meta` for a detached deep copy.
+        """
+        self._custom = rows.own_custom(self._custom, self.size)
+        return self._custom
+
+    @custom_meta.setter
+    def custom_meta(self, value: Sequence[dict[str, Any]] | None) -> None:
+        self._custom = None if value is None else _custom_array(value, self.size, deep=True)
+
+    @property
+    def _custom_backend_meta(self) -> list[dict[str, Any]]:
+        """TransferQueue's per-row, per-field storage-backend meta: a live list of dicts."""
+        if self._backend is None:
+            self._backend = [{} for _ in range(self.size)]
+        return self._backend
 
     def _sample(self, i: Any) -> SampleMeta:
-        if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
-            raise TypeError(f"row index must be an int, got {type(i).__name__}")
-        pos = int(i) + self.size if i < 0 else int(i)
-        if not 0 <= pos < self.size:
-            raise IndexError(f"row {i} out of range for a batch of {self.size}")
-        meta = None if self._custom is None else self._custom[pos]
+        pos = self._position(i)
+        meta = rows.custom_row(self._custom, pos)
         return SampleMeta(
             int(self._gidx[pos]), str(self._pids[pos]), dict(self._schema), int(self._status[pos]),
             copy.deepcopy(meta) if meta else {}, pos,
         )  # fmt: skip
 
-    def __getitem__(self, item: Any) -> SampleMeta | BatchMeta:
+    def _position(self, i: Any) -> int:
+        if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
+            raise TypeError(f"row index must be an int, got {type(i).__name__}")
+        pos = int(i) + self.size if i < 0 else int(i)
+        if not 0 <= pos < self.size:
+            raise IndexError(f"row {i} out of range for a batch of {self.size}")
+        return pos
+
+    def __getitem__(self, item: Any) -> BatchMeta:
+        """Rows as a new batch: ``b[i]`` (one row, as TransferQueue), a slice, or a list of positions."""
         if isinstance(item, slice):
             return self._derive(item)
         if isinstance(item, (bool, float, str, bytes)):
             raise TypeError(f"BatchMeta indexes are ints, slices or index lists, not {type(item).__name__}")
         if isinstance(item, (int, np.integer)):
-            return self._sample(item)
+            pos = self._position(item)
+            return self._derive(slice(pos, pos + 1))
         return self.select_samples(item)
 
     # ------------------------------------------------------------ row / field selection
@@ -253,17 +314,51 @@ class BatchMeta:
             )
         return pos
 
-    def select_samples(self, indexes: Any) -> BatchMeta:
-        """New batch of the rows at ``indexes`` (positions in this batch), in that order."""
-        return self._derive(self._positions(indexes))
+    def select_samples(self, sample_indices: Any) -> BatchMeta:
+        """New batch of the rows at ``sample_indices`` (positions in this batch), in that order."""
+        return self._derive(self._positions(sample_indices))
 
-    def select_fields(self, names: Iterable[str]) -> BatchMeta:
-        """New batch with the same rows and only the fields ``names``."""
-        names = [names] if isinstance(names, str) else list(names)
+    def select_fields(self, field_names: Iterable[str]) -> BatchMeta:
+        """New batch with the same rows and only the fields ``field_names``.
+
+        Unknown names raise ``NotFoundError`` (TransferQueue silently leaves them out).
+        """
+        names = [field_names] if isinstance(field_names, str) else list(field_names)
         missing = [n for n in names if n not in self._schema]
         if missing:
-            raise NotFoundError(f"fields {missing} not in this batch (it has {self.field_names})")
+            raise NotFoundError(
+                f"fields {missing} not in this batch (it has {self.field_names}); select only fields "
+                "it has, e.g. [f for f in names if f in meta.field_names]"
+            )
         return self._derive(slice(None), {n: self._schema[n] for n in names})
+
+    def get_dtypes(self, field_name: str) -> list[torch.dtype | None]:
+        """Each row's torch dtype of ``field_name`` (``None`` for a non-tensor field)."""
+        return [self._field(field_name).torch_dtype] * self.size
+
+    def get_shapes(self, field_name: str) -> list[tuple[int, ...] | None]:
+        """Each row's shape of ``field_name`` (``None`` for a non-tensor field).
+
+        A jagged field's per-row sizes are not tracked in metadata: its varying dimensions are -1
+        (TransferQueue lists each row's exact shape; read them from the data, e.g. ``offsets()``).
+        """
+        schema = self._field(field_name)
+        if schema.is_non_tensor:
+            return [None] * self.size
+        if schema.is_nested:
+            warn_once(
+                ("get_shapes", field_name),
+                f"BatchMeta.get_shapes({field_name!r}): the field is jagged and tq_loader's metadata does "
+                f"not track per-row sizes, so its varying dimensions read -1 ({schema.shape}). Read the "
+                "exact row shapes from the data (e.g. td[name].offsets() of the jagged tensor).",
+            )
+        return [schema.shape] * self.size
+
+    def _field(self, name: str) -> FieldSchema:
+        try:
+            return self._schema[name]
+        except KeyError:
+            raise NotFoundError(f"field {name!r} not in this batch (it has {self.field_names})") from None
 
     def chunk(self, chunks: int) -> list[BatchMeta]:
         """Split into ``chunks`` contiguous batches; the first ``size % chunks`` are one row longer."""
@@ -305,37 +400,49 @@ class BatchMeta:
                         schema[name] = schema[name].merge(fs)
                     except SchemaError as e:
                         raise SchemaError(f"concat: field {name!r} of batch {i}: {e}") from e
-        customs = [p._custom for p in parts]
-        custom = None
-        if any(c is not None for c in customs):
-            filled = [np.full(p.size, None, object) if c is None else c for p, c in zip(parts, customs)]
-            custom = np.concatenate(filled)
         return cls._make(
             np.concatenate([p._gidx for p in parts]), np.concatenate([p._pids for p in parts]),
-            np.concatenate([p._status for p in parts]), schema, custom,
+            np.concatenate([p._status for p in parts]), schema,
+            rows.concat_custom([(p._custom, p.size) for p in parts]),
             _merge_extra_info([p.extra_info for p in parts]), eos,
+            rows.concat_backend([(p._backend, p.size) for p in parts]),
         )  # fmt: skip
 
-    def _rows_in(self, other: BatchMeta) -> np.ndarray:
-        """Mask over ``other``'s rows whose (partition, global index) is also in this batch."""
-        found = np.zeros(other.size, dtype=bool)
-        for pid in np.unique(other._pids):
-            mine, theirs = self._pids == pid, other._pids == pid
-            found[theirs] = np.isin(other._gidx[theirs], self._gidx[mine])
-        return found
+    def union(self, other: BatchMeta | None) -> BatchMeta:
+        """The columns of this batch and ``other`` for the same rows, as TransferQueue merges them.
 
-    def union(self, other: BatchMeta) -> BatchMeta:
-        """This batch plus the rows of ``other`` it does not hold yet (same fields required)."""
-        if other is None or other.size == 0:
+        Both must hold the same rows in the same order (else ``SchemaError``, a ``ValueError``).
+        ``other``'s field schemas replace this batch's for fields both have; production status is
+        the AND of both; each row's custom meta and ``extra_info`` are merged with ``other`` winning.
+        An empty side gives a copy of the other. To append rows, use :meth:`concat`.
+        """
+        if other is None or (isinstance(other, BatchMeta) and other.size == 0):
             return self.copy()
+        if not isinstance(other, BatchMeta):
+            raise SchemaError(f"union needs a BatchMeta, got {type(other).__name__}")
         if self.size == 0:
             return other.copy()
-        new = np.flatnonzero(~self._rows_in(other))
-        return BatchMeta.concat([self, other.select_samples(new)])
+        for what, mine, theirs in (
+            ("global_indexes", self._gidx, other._gidx),
+            ("partition_ids", self._pids, other._pids),
+        ):
+            if not np.array_equal(mine, theirs):
+                raise SchemaError(
+                    f"union: {what} do not match (this batch {mine[:8].tolist()}..., other "
+                    f"{theirs[:8].tolist()}..., sizes {mine.size} and {theirs.size}); union merges the "
+                    "fields of the same rows in the same order -- use BatchMeta.concat to append rows"
+                )
+        extra = copy.deepcopy(self.extra_info)
+        extra.update(copy.deepcopy(other.extra_info))
+        return BatchMeta._make(
+            self._gidx, self._pids, np.minimum(self._status, other._status), {**self._schema, **other._schema},
+            rows.union_rows(self._custom, other._custom, self.size), extra, self._eos or other._eos,
+            rows.union_backend(self._backend, other._backend, self.size),
+        )  # fmt: skip
 
-    def reorder(self, indexes: Any) -> None:
-        """Permute the rows in place: row ``i`` becomes the old row ``indexes[i]``."""
-        pos = np.asarray(indexes.detach().cpu() if isinstance(indexes, torch.Tensor) else indexes)
+    def reorder(self, indices: Any) -> None:
+        """Permute the rows in place: row ``i`` becomes the old row ``indices[i]``."""
+        pos = np.asarray(indices.detach().cpu() if isinstance(indices, torch.Tensor) else indices)
         if pos.shape != (self.size,) or pos.dtype == np.bool_:
             raise SchemaError(f"reorder needs {self.size} int indexes, got shape {pos.shape} ({pos.dtype})")
         pos = self._positions(pos)
@@ -344,8 +451,8 @@ class BatchMeta:
         self._gidx, self._pids, self._status = (
             _frozen(a[pos]) for a in (self._gidx, self._pids, self._status)
         )
-        if self._custom is not None:
-            self._custom = self._custom[pos]
+        self._custom = rows.permute(self._custom, pos)
+        self._backend = rows.permute(self._backend, pos)
 
     def copy(self) -> BatchMeta:
         """Independent copy (arrays are immutable and shared; extra_info is deep-copied)."""
@@ -362,10 +469,7 @@ class BatchMeta:
             raise SchemaError(
                 f"add_fields: TensorDict batch_size {batch} does not match batch size {self.size}"
             )
-        schema = dict(self._schema)
-        for name in tensor_dict.keys():  # noqa: SIM118 (iterating a TensorDict walks rows, not keys)
-            schema[name] = schema_of(tensor_dict.get(name), name)
-        self._schema = schema
+        self._schema = {**self._schema, **extract_field_schema(tensor_dict)}
         if set_all_ready:
             self._status = _frozen(np.full(self.size, READY_FOR_CONSUME, np.int8))
         return self
@@ -385,14 +489,11 @@ class BatchMeta:
         else:
             if len(custom_meta) != self.size:
                 raise SchemaError(f"custom_meta has {len(custom_meta)} entries for a batch of {self.size}")
-            pairs = enumerate(custom_meta)
-        arr = np.full(self.size, None, object) if self._custom is None else self._custom.copy()
+            pairs = list(enumerate(custom_meta))
         for pos, meta in pairs:
             if meta is not None and not isinstance(meta, Mapping):
                 raise SchemaError(f"custom_meta of row {pos} must be a dict, got {type(meta).__name__}")
-            if meta:
-                arr[pos] = {**(arr[pos] or {}), **copy.deepcopy(dict(meta))}
-        self._custom = arr
+        self._custom = rows.merge_into(self._custom, self.size, pairs)
 
     def get_all_custom_meta(self) -> list[dict[str, Any]]:
         """Deep copy of every row's custom meta, in row order."""
@@ -441,6 +542,11 @@ class BatchMeta:
 
     __hash__ = None  # type: ignore[assignment]
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle (Ray, multiprocessing) through ``_make`` so the arrays come back read-only."""
+        state = (self._gidx, self._pids, self._status, self._schema, self._custom, self.extra_info)
+        return (BatchMeta._make, (*state, self._eos, self._backend))
+
     def __repr__(self) -> str:
         parts = np.unique(self._pids[:1000]).tolist()
         return (
@@ -450,53 +556,12 @@ class BatchMeta:
 
     def to_wire(self) -> dict[str, Any]:
         """Plain msgpack-able dict (raw bytes for arrays, lists for schemas); see :meth:`from_wire`."""
-        _check_plain(self.extra_info, "extra_info")
-        pids: dict[str, Any] = {"names": [], "codes": None}
-        if self.size and (self._pids == self._pids[0]).all():
-            pids["names"] = [str(self._pids[0])]
-        elif self.size:
-            names, codes = np.unique(self._pids, return_inverse=True)
-            pids = {"names": names.tolist(), "codes": _arr_to_wire(codes.reshape(-1), "<i4")}
-        return {
-            "v": _WIRE_VERSION,
-            "global_indexes": _arr_to_wire(self._gidx, "<i8"),
-            "partition_ids": pids,
-            "production_status": _arr_to_wire(self._status, "|i1"),
-            "field_schema": [
-                [n, s.dtype, list(s.shape), s.is_nested, s.is_non_tensor] for n, s in self._schema.items()
-            ],
-            "custom_meta": None if self._custom is None else self._custom.tolist(),
-            "extra_info": dict(self.extra_info),
-            "end_of_stream": self._eos,
-        }
+        return rows.batch_to_wire(self)
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> BatchMeta:
         """Inverse of :meth:`to_wire`; ``ProtocolError`` on a malformed dict."""
-        try:
-            if d["v"] != _WIRE_VERSION:
-                raise ProtocolError(f"BatchMeta wire version {d['v']!r}, this side speaks {_WIRE_VERSION}")
-            gidx = _arr_from_wire(d["global_indexes"], "<i8", None, "global_indexes")
-            n = gidx.size
-            names = np.asarray(d["partition_ids"]["names"], dtype=str).reshape(-1)
-            codes = d["partition_ids"]["codes"]
-            codes = (
-                np.zeros(n, np.intp) if codes is None else _arr_from_wire(codes, "<i4", n, "partition codes")
-            )
-            if n and (codes.min() < 0 or codes.max() >= names.size):
-                raise ProtocolError(f"partition_ids: codes outside the {names.size} partition names")
-            pids = names[codes]
-            status = _arr_from_wire(d["production_status"], "|i1", n, "production_status")
-            schema = {name: normalize_schema(rest, name) for name, *rest in d["field_schema"]}
-            custom = None if d["custom_meta"] is None else _custom_array(d["custom_meta"], n, deep=False)
-            extra_info = d["extra_info"]
-            if not isinstance(extra_info, dict):
-                raise ProtocolError(f"extra_info must be a map, got {type(extra_info).__name__}")
-            return cls._make(gidx, pids, status, schema, custom, extra_info, bool(d["end_of_stream"]))
-        except ProtocolError:
-            raise
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise ProtocolError(f"malformed BatchMeta wire form: {type(e).__name__}: {e}") from e
+        return cls._make(*rows.batch_parts_from_wire(d))
 
 
 from tq_loader.metadata_kv import KVBatchMeta  # noqa: E402  (re-export; it builds on the helpers above)

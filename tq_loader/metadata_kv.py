@@ -17,7 +17,11 @@ from tq_loader._meta_util import (
 )
 from tq_loader.errors import NotFoundError, ProtocolError, SchemaError
 
-__all__ = ["KVBatchMeta"]
+__all__ = ["KVBatchMeta", "KeysNotInBatchError"]
+
+
+class KeysNotInBatchError(NotFoundError, RuntimeError):
+    """``select_keys`` named keys the batch does not hold (a ``RuntimeError`` too, as TransferQueue raises)."""
 
 
 class KVBatchMeta:
@@ -39,14 +43,14 @@ class KVBatchMeta:
         )
         if len(self.keys) != len(self.tags):
             raise SchemaError(
-                f"keys and tags must have the same length, got {len(self.keys)} and {len(self.tags)}"
+                f"keys and tags must have same length: got {len(self.keys)} keys and {len(self.tags)} tags"
             )
         if not all(isinstance(k, str) for k in self.keys) or not all(isinstance(t, dict) for t in self.tags):
             raise SchemaError("KVBatchMeta keys must be strings and tags dicts (one per key)")
         if len(set(self.keys)) != len(self.keys):
-            raise SchemaError(f"duplicate keys: {[k for k, c in Counter(self.keys).items() if c > 1]}")
+            raise SchemaError(f"duplicated keys: {[k for k, c in Counter(self.keys).items() if c > 1]}")
         if fields is not None and len(set(fields)) != len(fields):
-            raise SchemaError(f"duplicate fields in {list(fields)}")
+            raise SchemaError(f"duplicated fields in {list(fields)}")
         self.partition_id = partition_id
         self.fields: list[str] | None = None if fields is None else list(fields)
         self.extra_info: dict[str, Any] = copy.deepcopy(extra_info or {})
@@ -61,20 +65,30 @@ class KVBatchMeta:
     def _with(self, keys: list[str], tags: list[dict[str, Any]]) -> KVBatchMeta:
         return KVBatchMeta(keys, tags, self.partition_id, self.fields, self.extra_info)
 
-    def select_keys(self, keys: Sequence[str]) -> KVBatchMeta:
-        """New batch of ``keys`` (in that order); unknown keys raise ``NotFoundError``."""
-        keys = list(keys)
+    def select_keys(self, keys_to_select: Sequence[str]) -> KVBatchMeta:
+        """New batch of ``keys_to_select`` (in that order); unknown keys raise :class:`KeysNotInBatchError`."""
+        keys = [keys_to_select] if isinstance(keys_to_select, str) else list(keys_to_select)
         if len(set(keys)) != len(keys):
-            raise SchemaError(f"select_keys got duplicate keys in {keys}")
+            dup = sorted(k for k, c in Counter(keys).items() if c > 1)
+            raise SchemaError(f"select_keys: duplicate keys {dup}; name each key once")
         where = {k: i for i, k in enumerate(self.keys)}
         missing = [k for k in keys if k not in where]
         if missing:
-            raise NotFoundError(f"keys {missing} not in this batch (partition {self.partition_id!r})")
+            raise KeysNotInBatchError(
+                f"keys {missing} not found in this batch (partition {self.partition_id!r}); it holds "
+                f"{len(self.keys)} keys -- select only keys in meta.keys"
+            )
         return self._with(keys, [self.tags[where[k]] for k in keys])
 
     def reorder(self, indexes: Sequence[int]) -> None:
-        """Permute the keys (and tags) in place."""
+        """Permute the keys (and tags) in place: key ``i`` becomes the old key ``indexes[i]``."""
         pos = _int_array(indexes, "reorder indexes").tolist()
+        if len(pos) != self.size:
+            raise SchemaError(f"reorder: {len(pos)} indexes does not match the batch size {self.size}")
+        if len(set(pos)) != len(pos):
+            raise SchemaError(
+                f"reorder: duplicate indexes in {pos}; give a permutation of range({self.size})"
+            )
         if sorted(pos) != list(range(self.size)):
             raise SchemaError(f"reorder indexes must be a permutation of range({self.size}), got {pos}")
         self.keys = [self.keys[i] for i in pos]

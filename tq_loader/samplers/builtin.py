@@ -1,8 +1,10 @@
 """Built-in samplers: sequential, whole-group (GRPO) and rank-aware.
 
-All are stateless: what a rank saw for a given batch index is remembered by the controller's
-:class:`~tq_loader.samplers.rounds.RoundLedger`, not by the sampler, so caching composes with any
-sampler and checkpoints hold no sampler state.
+Served by the controller they are stateless: what a rank saw for a given batch index is remembered
+by the controller's :class:`~tq_loader.samplers.rounds.RoundLedger`, not by the sampler, so caching
+composes with any sampler and checkpoints hold no sampler state. Called directly with ``dp_rank``
+and ``batch_index`` (TransferQueue's way), ``RankAwareSampler`` caches each rank's batch in
+``_states`` as TransferQueue's does.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from tq_loader.errors import ArgumentError
 from tq_loader.samplers.base import (
     BaseSampler,
     IndexLike,
     allow_partial,
     as_index_array,
+    check_batch_size,
     check_positive,
     register_sampler,
 )
@@ -27,29 +31,48 @@ __all__ = ["GRPOGroupNSampler", "RankAwareSampler", "SequentialSampler"]
 @register_sampler("sequential")
 @register_sampler("SequentialSampler")
 class SequentialSampler(BaseSampler):
-    """The first ``batch_size`` ready rows in ascending index order; sampled == consumed."""
+    """Up to ``batch_size`` ready rows in the order given; sampled == consumed.
+
+    As in TransferQueue, fewer ready rows than asked gives what is ready
+    (``sample([0, 1], 5) == ([0, 1], [0, 1])``) and ``batch_size=0`` gives ``([], [])``; the
+    controller asks through :meth:`sample_batch`, which waits until enough rows are ready.
+    ``allow_partial=False`` in the config makes a short batch ``([], [])`` instead. A negative
+    ``batch_size`` raises (TransferQueue slices with it and returns all rows but the last).
+    """
 
     def sample(
         self, ready_indexes: IndexLike, batch_size: int, *args: Any, **sampling_config: Any
     ) -> tuple[list[int], list[int]]:
-        batch_size = check_positive("batch_size", batch_size)
+        batch_size = check_batch_size(batch_size)
         ready = as_index_array(ready_indexes)
-        if len(ready) < batch_size and not allow_partial(sampling_config):
+        if len(ready) < batch_size and not allow_partial(sampling_config):  # STRICT-UNTIL-CONTROLLER
             return [], []
         picked = ready[:batch_size].tolist()
         return picked, list(picked)
 
 
+def _strict_first(ready_indexes: IndexLike, batch_size: int, cfg: Mapping[str, Any]) -> list[int]:
+    """The first ``batch_size`` ready rows, or none while fewer are ready (unless allow_partial)."""
+    ready = as_index_array(ready_indexes)
+    if batch_size == 0 or (len(ready) < batch_size and not allow_partial(cfg)):
+        return []
+    return ready[:batch_size].tolist()
+
+
 @register_sampler("rank_aware")
 @register_sampler("RankAwareSampler")
 class RankAwareSampler(SequentialSampler):
-    """TransferQueue's rank-aware sampler, reduced to its sampling rule (sequential).
+    """TransferQueue's rank-aware sampler: the same rows for every caller of one DP rank's batch.
 
-    In TransferQueue this sampler caches each ``(partition, task, dp_rank, batch_index)`` batch so
-    that every caller of one data-parallel rank gets the same rows and different ranks get disjoint
-    rows. Here the controller does that for *every* sampler through the round ledger whenever a
-    request carries ``dp_rank`` and ``batch_index``; this class only keeps TransferQueue's
-    signatures (extra arguments are accepted and ignored) so configurations naming it still work.
+    Called directly with ``dp_rank`` and ``batch_index`` (TransferQueue's positional order:
+    ``ready, batch_size, dp_rank, batch_index, task_name, partition_id``) it serves the first
+    ``batch_size`` ready rows -- none while fewer are ready -- and caches them in
+    ``_states[partition_id][task_name][dp_rank][batch_index]``, so a second call (a TP/PP peer of the
+    rank) gets the same rows; different ranks sample independently. The cache grows until
+    :meth:`clear_cache`, as in TransferQueue.
+
+    The controller never passes those arguments: it serves rank-aware requests from its bounded
+    round ledger for *every* sampler, and here this class samples like a strict sequential sampler.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -66,9 +89,21 @@ class RankAwareSampler(SequentialSampler):
         *args: Any,
         **sampling_config: Any,
     ) -> tuple[list[int], list[int]]:
-        if dp_rank is not None and (isinstance(dp_rank, bool) or int(dp_rank) < 0):
-            raise ValueError(f"dp_rank must be a non-negative integer, got {dp_rank!r}")
-        return super().sample(ready_indexes, batch_size, **sampling_config)
+        if dp_rank is not None and (
+            isinstance(dp_rank, bool) or not isinstance(dp_rank, (int, np.integer)) or dp_rank < 0
+        ):
+            raise ArgumentError(f"dp_rank must be an integer greater than or equal to 0, got {dp_rank!r}")
+        batch_size = check_batch_size(batch_size)
+        if dp_rank is None or batch_index is None:
+            picked = _strict_first(ready_indexes, batch_size, sampling_config)
+            return picked, list(picked)
+        cached = self._cached(partition_id, task_name, int(dp_rank), batch_index)
+        if cached is not None:
+            return list(cached), list(cached)
+        picked = _strict_first(ready_indexes, batch_size, sampling_config)
+        if picked:
+            self._cache(partition_id, task_name, int(dp_rank), batch_index, list(picked))
+        return picked, list(picked)
 
 
 @register_sampler("grpo_group_n")
@@ -80,21 +115,22 @@ class GRPOGroupNSampler(BaseSampler):
     batch (and, in rounds, by one rank). ``n`` comes from ``sampling_config["n_samples_per_prompt"]``
     when given, else from the constructor.
 
-    **Which rows form a group.** Either
+    **Which rows form a group**, first rule that applies:
 
     * ``sampling_config["group_ids"]``: an array aligned with ``ready_indexes``; rows with equal ids
       are one group, complete when ``n`` of them are ready (more than ``n`` is a ValueError).
-      Groups are served in order of their first ready row. Use this when rows of a prompt are not
-      stored contiguously or several producers share the index space.
-    * otherwise the *aligned-block rule*: producers insert the ``n`` responses of a prompt as
-      consecutive global indexes starting at ``group_base + g*n`` (``group_base`` from
-      sampling_config, default 0), so group ``g`` is exactly the indexes
-      ``group_base + g*n .. group_base + g*n + n - 1``, complete when all of them are ready.
-      Unlike TransferQueue's sliding scan, a run of ``n`` consecutive ready indexes that straddles
-      two prompts is never mistaken for a group.
+      Groups are served in order of their first ready row. The controller always passes these
+      (a prompt's ``n`` rows are the ones inserted together), so a run of ready indexes that
+      straddles two prompts is never mistaken for a group in a served stream.
+    * ``sampling_config["group_base"]``: the *aligned-block rule*: group ``g`` is exactly the
+      indexes ``group_base + g*n .. group_base + g*n + n - 1``, complete when all are ready.
+    * otherwise TransferQueue's rule, for direct calls: the ready indexes are sorted and every run
+      of consecutive indexes is cut into groups of ``n`` from its start
+      (``[3, 4, 5, 6, 9, 10, 11, 12]`` with ``n=4`` is two groups).
 
     Incomplete groups are skipped (served later, once complete). ``batch_size`` must be a multiple
-    of ``n``. With ``allow_partial`` the complete groups available (fewer than asked) are served.
+    of ``n``; ``batch_size=0`` gives ``([], [])``. With ``allow_partial`` the complete groups
+    available (fewer than asked) are served.
     """
 
     def __init__(self, n_samples_per_prompt: int = 1) -> None:
@@ -120,6 +156,8 @@ class GRPOGroupNSampler(BaseSampler):
         *args: Any,
         **sampling_config: Any,
     ) -> tuple[list[int], list[int]]:
+        if check_batch_size(batch_size) == 0:
+            return [], []
         ready = as_index_array(ready_indexes)
         picked = ready[self._select_positions(ready, batch_size, sampling_config)].tolist()
         return picked, list(picked)
@@ -129,7 +167,7 @@ class GRPOGroupNSampler(BaseSampler):
         batch_size = check_positive(what, batch_size)
         n = self._group_size(sampling_config)
         if batch_size % n:
-            raise ValueError(
+            raise ArgumentError(
                 f"{what} ({batch_size}) must be a multiple of n_samples_per_prompt ({n}) so batches "
                 f"hold whole prompt groups; ask for k*{n} rows (e.g. {max(1, batch_size // n) * n})"
             )
@@ -142,26 +180,35 @@ class GRPOGroupNSampler(BaseSampler):
         n = self._whole_groups(batch_size, sampling_config, "batch_size")
         wanted = batch_size // n
         group_ids = sampling_config.get("group_ids")
-        if group_ids is None:
-            starts = _first_aligned_group_starts(ready, n, int(sampling_config.get("group_base", 0)), wanted)
+        if group_ids is not None:
+            positions, found = _labelled_group_positions(ready, np.asarray(group_ids), n, wanted)
+        else:
+            base = sampling_config.get("group_base")
+            order = None
+            if len(ready) > 1 and bool((ready[1:] < ready[:-1]).any()):  # direct calls may pass any order
+                order = np.argsort(ready, kind="stable")
+            ordered = ready if order is None else ready[order]
+            starts = _first_group_starts(ordered, n, None if base is None else int(base), wanted)
             found = len(starts)
             positions = (starts[:wanted, None] + np.arange(n)).ravel()
-        else:
-            positions, found = _labelled_group_positions(ready, np.asarray(group_ids), n, wanted)
+            if order is not None:
+                positions = order[positions]
         if found < wanted and not allow_partial(sampling_config):
             return np.zeros(0, dtype=np.int64)
         return positions
 
 
-def _first_aligned_group_starts(ready: np.ndarray, n: int, base: int, wanted: int) -> np.ndarray:
+def _first_group_starts(ready: np.ndarray, n: int, base: int | None, wanted: int) -> np.ndarray:
     """Starts of at least ``wanted`` complete groups if there are that many, else of all of them.
 
-    Scans a doubling prefix of ``ready`` so a large backlog of ready rows costs O(batch), not
-    O(backlog): a group cut by the prefix end only looks incomplete, and it is the last one.
+    Scans a doubling prefix of ascending ``ready`` so a large backlog of ready rows costs O(batch),
+    not O(backlog): a group cut by the prefix end only looks incomplete, and it is the last one.
+    ``base`` None: runs of consecutive indexes cut into groups of ``n``; else aligned blocks.
     """
     window = max(wanted * n, 1)
     while True:
-        starts = _aligned_group_starts(ready[:window], n, base)
+        head = ready[:window]
+        starts = _run_group_starts(head, n) if base is None else _aligned_group_starts(head, n, base)
         if len(starts) >= wanted or window >= len(ready):
             return starts
         window *= 2
@@ -178,12 +225,23 @@ def _aligned_group_starts(ready: np.ndarray, n: int, base: int) -> np.ndarray:
     return run_start[run_len == n]
 
 
+def _run_group_starts(ready: np.ndarray, n: int) -> np.ndarray:
+    """Positions starting a group of ``n`` consecutive indexes: each run cut from its start."""
+    if len(ready) < n:
+        return np.zeros(0, dtype=np.int64)
+    breaks = np.flatnonzero(np.diff(ready) != 1) + 1
+    run_start = np.concatenate(([0], breaks))
+    per_run = np.diff(np.concatenate((run_start, [len(ready)]))) // n
+    first_of_run = np.repeat(np.cumsum(per_run) - per_run, per_run)
+    return np.repeat(run_start, per_run) + (np.arange(per_run.sum()) - first_of_run) * n
+
+
 def _labelled_group_positions(
     ready: np.ndarray, group_ids: np.ndarray, n: int, wanted: int
 ) -> tuple[np.ndarray, int]:
     """Positions of the first ``wanted`` complete labelled groups and how many are complete."""
     if group_ids.shape != ready.shape:
-        raise ValueError(
+        raise ArgumentError(
             f"group_ids must align with ready_indexes: got shape {group_ids.shape}, expected {ready.shape}"
         )
     if len(ready) == 0:
@@ -193,7 +251,7 @@ def _labelled_group_positions(
     )
     if counts.max() > n:
         bad = int(np.argmax(counts > n))
-        raise ValueError(
+        raise ArgumentError(
             f"group id {group_ids[first_pos[bad] : first_pos[bad] + 1].tolist()[0]!r} has {counts[bad]} ready rows but "
             f"n_samples_per_prompt is {n}; fix group_ids or n_samples_per_prompt"
         )

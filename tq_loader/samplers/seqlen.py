@@ -20,16 +20,37 @@ so set sizes then differ by at most one.
 
 from __future__ import annotations
 
+import copy
 import heapq
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from tq_loader.samplers.base import IndexLike, as_index_array, check_positive, register_sampler, split_even
+from tq_loader.errors import ArgumentError
+from tq_loader.samplers.base import (
+    IndexLike,
+    as_index_array,
+    check_batch_size,
+    check_positive,
+    register_sampler,
+    split_even,
+)
 from tq_loader.samplers.builtin import GRPOGroupNSampler
 
-__all__ = ["SeqlenBalancedSampler", "get_seqlen_balanced_partitions", "karmarkar_karp"]
+__all__ = [
+    "PartitionCountError",
+    "SeqlenBalancedSampler",
+    "get_seqlen_balanced_partitions",
+    "karmarkar_karp",
+]
+
+_DIRECT_KEYS = ("dp_rank", "batch_index", "partition")
+
+
+class PartitionCountError(ArgumentError, AssertionError):
+    """Items cannot be split into the requested partitions (also an ``AssertionError``, as in
+    TransferQueue, whose helper asserts)."""
 
 
 def karmarkar_karp(
@@ -43,7 +64,7 @@ def karmarkar_karp(
     k = check_positive("k", k)
     w = np.asarray(weights, dtype=np.float64).reshape(-1)
     if len(w) and (not np.all(np.isfinite(w)) or w.min() < 0):
-        raise ValueError("weights (sequence lengths) must be finite and non-negative")
+        raise ArgumentError("weights (sequence lengths) must be finite and non-negative")
     m = len(w)
     if k == 1:
         return [np.arange(m, dtype=np.int64)]
@@ -85,10 +106,23 @@ def karmarkar_karp(
 def get_seqlen_balanced_partitions(
     seqlen_list: Sequence[int], k_partitions: int, equal_size: bool
 ) -> list[list[int]]:
-    """TransferQueue/verl-compatible wrapper: ``k_partitions`` ascending lists of item positions."""
-    if len(seqlen_list) < k_partitions:
-        raise ValueError(f"cannot split {len(seqlen_list)} items into {k_partitions} non-empty partitions")
-    return [p.tolist() for p in karmarkar_karp(seqlen_list, k_partitions, equal_size=equal_size)]
+    """TransferQueue/verl-compatible wrapper: ``k_partitions`` ascending lists of item positions.
+
+    As there, every partition must get an item and ``equal_size`` needs a count divisible by
+    ``k_partitions`` (:class:`PartitionCountError`, also an ``AssertionError``, otherwise);
+    :func:`karmarkar_karp` itself pads uneven counts instead.
+    """
+    k = check_positive("k_partitions", k_partitions)
+    if len(seqlen_list) < k:
+        raise PartitionCountError(
+            f"cannot split {len(seqlen_list)} items into {k} non-empty partitions; pass at least {k} items"
+        )
+    if equal_size and len(seqlen_list) % k:
+        raise PartitionCountError(
+            f"equal_size needs the {len(seqlen_list)} items to divide into {k} partitions; pass a multiple "
+            f"of {k} items, or equal_size=False (or karmarkar_karp, which pads to near-equal sizes)"
+        )
+    return [p.tolist() for p in karmarkar_karp(seqlen_list, k, equal_size=equal_size)]
 
 
 @register_sampler("seqlen_balanced")
@@ -103,17 +137,55 @@ class SeqlenBalancedSampler(GRPOGroupNSampler):
     back to a contiguous split. ``dp_size`` of the request wins; the constructor's ``dp_size`` is
     kept for TransferQueue compatibility and as a default for callers that have none.
 
-    :meth:`sample` (a plain request without a data-parallel round) behaves as GRPOGroupNSampler.
+    :meth:`sample` without ``dp_rank``/``batch_index`` (the controller's plain request) behaves as
+    GRPOGroupNSampler. With them (TransferQueue's direct call: ``sample(ready, per_rank_batch,
+    task_name, partition_id, dp_rank=r, batch_index=i, partition=p)``) the first call cuts the
+    round for the constructor's ``dp_size`` -- lengths from ``seqlens`` or from
+    ``partition.get_custom_meta(indexes)[i]["total_lengths"]`` -- caches every rank's share in
+    ``_states`` / ``_balanced_cache`` and returns rank ``r``'s (``([], [])`` for a rank outside
+    ``dp_size`` or while too few complete groups are ready).
     """
 
     def __init__(self, n_samples_per_prompt: int = 1, dp_size: int = 1) -> None:
         super().__init__(n_samples_per_prompt)
         self.dp_size = check_positive("dp_size", dp_size)
+        self._balanced_cache: dict[tuple[str, str, Any], list[list[int]]] = {}
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(n_samples_per_prompt={self.n_samples_per_prompt}, dp_size={self.dp_size})"
         )
+
+    def sample(  # type: ignore[override]
+        self,
+        ready_indexes: IndexLike,
+        batch_size: int,
+        task_name: str = "",
+        partition_id: str = "",
+        *args: Any,
+        **sampling_config: Any,
+    ) -> tuple[list[int], list[int]]:
+        if not any(k in sampling_config for k in ("dp_rank", "batch_index")):
+            return super().sample(ready_indexes, batch_size, task_name, partition_id, **sampling_config)
+        dp_rank = sampling_config.get("dp_rank", 0)
+        key = (partition_id, task_name, sampling_config.get("batch_index", 0))
+        if check_batch_size(batch_size) == 0:
+            return [], []
+        per_rank = self._balanced_cache.get(key)
+        if per_rank is None:
+            cfg = {k: v for k, v in sampling_config.items() if k not in _DIRECT_KEYS}
+            ready = as_index_array(ready_indexes)
+            if "seqlens" not in cfg and sampling_config.get("partition") is not None:
+                cfg["seqlens"] = _partition_lengths(sampling_config["partition"], ready)
+            per_rank, _ = self.sample_round(ready, batch_size, self.dp_size, **cfg)
+            if not per_rank:
+                return [], []
+            self._balanced_cache[key] = per_rank
+            for rank, share in enumerate(per_rank):
+                self._cache(partition_id, task_name, rank, key[2], (list(share), list(share)))
+        if not isinstance(dp_rank, (int, np.integer)) or not 0 <= dp_rank < len(per_rank):
+            return [], []
+        return list(per_rank[dp_rank]), list(per_rank[dp_rank])
 
     def sample_round(
         self, ready_indexes: IndexLike, batch_size: int, dp_size: int, **sampling_config: Any
@@ -132,7 +204,7 @@ class SeqlenBalancedSampler(GRPOGroupNSampler):
         else:
             lens = np.asarray(seqlens)
             if lens.shape != ready.shape:
-                raise ValueError(
+                raise ArgumentError(
                     f"seqlens must align with ready_indexes: got shape {lens.shape}, expected {ready.shape}"
                 )
             group_tokens = lens[positions].reshape(groups, n).sum(axis=1)
@@ -140,3 +212,28 @@ class SeqlenBalancedSampler(GRPOGroupNSampler):
             rank_groups.sort(key=lambda g: int(g[0]))  # deterministic: rank 0 holds the first group
             parts = [positions[(g[:, None] * n + np.arange(n)).ravel()] for g in rank_groups]
         return [ready[p].tolist() for p in parts], ready[positions].tolist()
+
+    def clear_cache(self, partition_id: str) -> None:
+        """Forget the direct-call caches (``_states`` and ``_balanced_cache``) of ``partition_id``."""
+        super().clear_cache(partition_id)
+        for key in [k for k in self._balanced_cache if k[0] == partition_id]:
+            del self._balanced_cache[key]
+
+    def save_checkpoint(self) -> dict[str, Any]:
+        return {**super().save_checkpoint(), "_balanced_cache": copy.deepcopy(self._balanced_cache)}
+
+    def load_checkpoint(self, state: Mapping[str, Any]) -> None:
+        super().load_checkpoint(state)
+        self._balanced_cache = copy.deepcopy(dict(state.get("_balanced_cache", {})))
+
+
+def _partition_lengths(partition: Any, ready: np.ndarray) -> np.ndarray:
+    """Per-row ``total_lengths`` from a TransferQueue-style partition's ``get_custom_meta`` (1 if absent)."""
+    getter = getattr(partition, "get_custom_meta", None)
+    if not callable(getter):
+        raise ArgumentError(
+            f"partition must have get_custom_meta(indexes) -> {{index: {{'total_lengths': n}}}}, got "
+            f"{type(partition).__name__}; or pass seqlens= aligned with ready_indexes"
+        )
+    meta = getter(ready.tolist())
+    return np.asarray([int((meta.get(i) or {}).get("total_lengths", 1)) for i in ready.tolist()], np.int64)
