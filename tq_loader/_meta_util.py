@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tq_loader.errors import ProtocolError, SchemaError
+from tq_loader.errors import NotFoundError, ProtocolError, SchemaError
 from tq_loader.schema import normalize_schema
 
 _WIRE_VERSION = 1
@@ -163,26 +163,31 @@ def _object_array(values: Sequence[Any]) -> np.ndarray:
     return arr
 
 
+def checked(custom: Any, n: int) -> Any:
+    """``custom`` after checking that a live list the caller may have edited still has one dict per row."""
+    if isinstance(custom, list) and (len(custom) != n or not all(isinstance(m, dict) for m in custom)):
+        raise SchemaError(
+            f"custom_meta must stay a list of {n} dicts (one per row); edit or replace the rows' dicts, do "
+            "not add or remove entries (use select_samples / concat to change the rows)"
+        )
+    return custom
+
+
 def own_custom(custom: np.ndarray | list | None, n: int) -> list[dict[str, Any]]:
     """The batch's live list of per-row dicts, made (deep-copied) on first use."""
     if isinstance(custom, list):
-        if len(custom) != n or not all(isinstance(m, dict) for m in custom):
-            raise SchemaError(
-                f"custom_meta must stay a list of {n} dicts (one per row); replace rows' dicts, do not "
-                "add or remove entries (use select_samples / concat to change the rows)"
-            )
-        return custom
+        return checked(custom, n)
     if custom is None:
         return [{} for _ in range(n)]
     return [copy.deepcopy(m) if m else {} for m in custom]
 
 
-def custom_rows(custom: np.ndarray | list | None, key: Any) -> np.ndarray | None:
-    """Custom meta of rows ``key`` (a slice or positions) for a derived batch."""
+def custom_rows(custom: np.ndarray | list | None, key: Any, n: int) -> np.ndarray | None:
+    """Custom meta of rows ``key`` (a slice or positions) of a batch of ``n`` rows, for a derived batch."""
     if custom is None:
         return None
     if isinstance(custom, list):
-        return _object_array([copy.deepcopy(m) for m in _object_array(custom)[key]])
+        return _object_array([copy.deepcopy(m) for m in _object_array(checked(custom, n))[key]])
     return custom[key]
 
 
@@ -195,7 +200,11 @@ def concat_custom(parts: list[tuple[np.ndarray | list | None, int]]) -> np.ndarr
     if all(c is None for c, _ in parts):
         return None
     filled = [
-        np.full(n, None, object) if c is None else custom_rows(c, slice(None)) if isinstance(c, list) else c
+        np.full(n, None, object)
+        if c is None
+        else custom_rows(c, slice(None), n)
+        if isinstance(c, list)
+        else c
         for c, n in parts
     ]
     return np.concatenate(filled)
@@ -205,8 +214,8 @@ def union_rows(a: np.ndarray | list | None, b: np.ndarray | list | None, n: int)
     """Per-row merge of two batches' custom meta for the same rows; ``b`` wins on equal keys."""
     if a is None and b is None:
         return None
-    a_rows = [None] * n if a is None else a
-    b_rows = [None] * n if b is None else b
+    a_rows = [None] * n if a is None else checked(a, n)
+    b_rows = [None] * n if b is None else checked(b, n)
     return _object_array([copy.deepcopy({**(x or {}), **(y or {})}) or None for x, y in zip(a_rows, b_rows)])
 
 
@@ -215,7 +224,8 @@ def permute(custom: np.ndarray | list | None, pos: np.ndarray) -> Any:
     if custom is None:
         return None
     if isinstance(custom, list):
-        return [custom[i] for i in pos.tolist()]
+        live = checked(custom, len(pos))
+        return [live[i] for i in pos.tolist()]
     return custom[pos]
 
 
@@ -224,6 +234,7 @@ def merge_into(
 ) -> np.ndarray | list:
     """``custom`` with each ``(position, dict)`` merged in: live dicts in place, else copy-on-write."""
     if isinstance(custom, list):
+        checked(custom, n)
         for pos, meta in pairs:
             if meta:
                 custom[pos].update(copy.deepcopy(dict(meta)))
@@ -233,6 +244,92 @@ def merge_into(
         if meta:
             arr[pos] = {**(arr[pos] or {}), **copy.deepcopy(dict(meta))}
     return arr
+
+
+class RowMetaMixin:
+    """BatchMeta's custom meta (per row), backend meta and extra info (per batch), TransferQueue's API.
+
+    Expects ``_custom``, ``_backend``, ``_gidx``, ``size`` and ``extra_info`` on the class.
+    """
+
+    __slots__ = ()
+    _custom: Any
+    _backend: Any
+    _gidx: np.ndarray
+    size: int
+    extra_info: dict[str, Any]
+
+    @property
+    def custom_meta(self) -> list[dict[str, Any]]:
+        """Each row's custom meta as a live list of dicts, as in TransferQueue: edits stay in the batch.
+
+        The first read gives this batch its own copy of the dicts (batches derived earlier keep
+        theirs). Use :meth:`get_all_custom_meta` for a detached deep copy.
+        """
+        self._custom = own_custom(self._custom, self.size)
+        return self._custom
+
+    @custom_meta.setter
+    def custom_meta(self, value: Sequence[dict[str, Any]] | None) -> None:
+        self._custom = None if value is None else _custom_array(value, self.size, deep=True)
+
+    @property
+    def _custom_backend_meta(self) -> list[dict[str, Any]]:
+        """TransferQueue's per-row, per-field storage-backend meta: a live list of dicts."""
+        if self._backend is None:
+            self._backend = [{} for _ in range(self.size)]
+        return self._backend
+
+    def update_custom_meta(
+        self, custom_meta: Sequence[dict[str, Any]] | Mapping[int, dict[str, Any]] | None
+    ) -> None:
+        """Merge per-row dicts into custom meta: a list aligned with the rows, or {global_index: dict}."""
+        if custom_meta is None:
+            return
+        if isinstance(custom_meta, Mapping):  # TransferQueue's older {global_index: meta} form
+            where = {g: i for i, g in enumerate(self._gidx.tolist())}
+            missing = [g for g in custom_meta if g not in where]
+            if missing:
+                raise NotFoundError(f"custom_meta for global indexes {missing} not in this batch")
+            pairs = [(where[g], meta) for g, meta in custom_meta.items()]
+        else:
+            if len(custom_meta) != self.size:
+                raise SchemaError(f"custom_meta has {len(custom_meta)} entries for a batch of {self.size}")
+            pairs = list(enumerate(custom_meta))
+        for pos, meta in pairs:
+            if meta is not None and not isinstance(meta, Mapping):
+                raise SchemaError(f"custom_meta of row {pos} must be a dict, got {type(meta).__name__}")
+        self._custom = merge_into(self._custom, self.size, pairs)
+
+    def get_all_custom_meta(self) -> list[dict[str, Any]]:
+        """Deep copy of every row's custom meta, in row order."""
+        if self._custom is None:
+            return [{} for _ in range(self.size)]
+        return [copy.deepcopy(m) if m else {} for m in checked(self._custom, self.size)]
+
+    def clear_custom_meta(self) -> None:
+        self._custom = None
+
+    def get_extra_info(self, key: str, default: Any = None) -> Any:
+        return self.extra_info.get(key, default)
+
+    def set_extra_info(self, key: str, value: Any) -> None:
+        self.extra_info[key] = value
+
+    def update_extra_info(self, info_dict: Mapping[str, Any]) -> None:
+        self.extra_info.update(info_dict)
+
+    def remove_extra_info(self, key: str) -> Any:
+        return self.extra_info.pop(key, None)
+
+    def clear_extra_info(self) -> None:
+        self.extra_info.clear()
+
+    def has_extra_info(self, key: str) -> bool:
+        return key in self.extra_info
+
+    def get_all_extra_info(self) -> dict[str, Any]:
+        return copy.deepcopy(self.extra_info)
 
 
 # ---------------------------------------------------------------- TransferQueue's _custom_backend_meta
@@ -293,7 +390,9 @@ def batch_to_wire(meta: Any) -> dict[str, Any]:
         "field_schema": [
             [n, s.dtype, list(s.shape), s.is_nested, s.is_non_tensor] for n, s in meta._schema.items()
         ],
-        "custom_meta": None if meta._custom is None else [m or None for m in meta._custom],
+        "custom_meta": None
+        if meta._custom is None
+        else [m or None for m in checked(meta._custom, meta.size)],
         "custom_backend_meta": backend,
         "extra_info": dict(meta.extra_info),
         "end_of_stream": meta._eos,

@@ -29,6 +29,7 @@ from tensordict import TensorDictBase
 
 from tq_loader import _meta_util as rows
 from tq_loader._meta_util import (
+    RowMetaMixin,
     _chunk_slices,
     _custom_array,
     _frozen,
@@ -103,7 +104,7 @@ def extract_field_schema(data: TensorDictBase | Mapping[str, Any]) -> dict[str, 
 # ---------------------------------------------------------------- BatchMeta
 
 
-class BatchMeta:
+class BatchMeta(RowMetaMixin):
     """Metadata of a batch of rows: indexes, partitions, production status, field schemas, custom meta."""
 
     __slots__ = ("_backend", "_custom", "_eos", "_gidx", "_pids", "_schema", "_status", "extra_info")
@@ -170,7 +171,7 @@ class BatchMeta:
         fields = None if schema is None else list(schema)  # select_fields also narrows the backend meta
         return BatchMeta._make(
             self._gidx[key], self._pids[key], self._status[key], dict(self._schema if schema is None else schema),
-            rows.custom_rows(self._custom, key), copy.deepcopy(self.extra_info), self._eos,
+            rows.custom_rows(self._custom, key, self.size), copy.deepcopy(self.extra_info), self._eos,
             rows.backend_rows(self._backend, key, fields),
         )  # fmt: skip
 
@@ -249,27 +250,6 @@ class BatchMeta:
     @property
     def samples(self) -> Sequence[SampleMeta]:
         return _SampleList(self)
-
-    @property
-    def custom_meta(self) -> list[dict[str, Any]]:
-        """Each row's custom meta as a live list of dicts, as in TransferQueue: edits stay in the batch.
-
-        The first read gives this batch its own copy of the dicts (batches derived earlier keep
-        theirs). Use :meth:`get_all_custom_meta` for a detached deep copy.
-        """
-        self._custom = rows.own_custom(self._custom, self.size)
-        return self._custom
-
-    @custom_meta.setter
-    def custom_meta(self, value: Sequence[dict[str, Any]] | None) -> None:
-        self._custom = None if value is None else _custom_array(value, self.size, deep=True)
-
-    @property
-    def _custom_backend_meta(self) -> list[dict[str, Any]]:
-        """TransferQueue's per-row, per-field storage-backend meta: a live list of dicts."""
-        if self._backend is None:
-            self._backend = [{} for _ in range(self.size)]
-        return self._backend
 
     def _sample(self, i: Any) -> SampleMeta:
         pos = self._position(i)
@@ -473,57 +453,6 @@ class BatchMeta:
         if set_all_ready:
             self._status = _frozen(np.full(self.size, READY_FOR_CONSUME, np.int8))
         return self
-
-    def update_custom_meta(
-        self, custom_meta: Sequence[dict[str, Any]] | Mapping[int, dict[str, Any]] | None
-    ) -> None:
-        """Merge per-row dicts into custom meta: a list aligned with the rows, or {global_index: dict}."""
-        if custom_meta is None:
-            return
-        if isinstance(custom_meta, Mapping):  # TransferQueue's older {global_index: meta} form
-            where = {g: i for i, g in enumerate(self._gidx.tolist())}
-            missing = [g for g in custom_meta if g not in where]
-            if missing:
-                raise NotFoundError(f"custom_meta for global indexes {missing} not in this batch")
-            pairs = [(where[g], meta) for g, meta in custom_meta.items()]
-        else:
-            if len(custom_meta) != self.size:
-                raise SchemaError(f"custom_meta has {len(custom_meta)} entries for a batch of {self.size}")
-            pairs = list(enumerate(custom_meta))
-        for pos, meta in pairs:
-            if meta is not None and not isinstance(meta, Mapping):
-                raise SchemaError(f"custom_meta of row {pos} must be a dict, got {type(meta).__name__}")
-        self._custom = rows.merge_into(self._custom, self.size, pairs)
-
-    def get_all_custom_meta(self) -> list[dict[str, Any]]:
-        """Deep copy of every row's custom meta, in row order."""
-        if self._custom is None:
-            return [{} for _ in range(self.size)]
-        return [copy.deepcopy(m) if m else {} for m in self._custom]
-
-    def clear_custom_meta(self) -> None:
-        self._custom = None
-
-    def get_extra_info(self, key: str, default: Any = None) -> Any:
-        return self.extra_info.get(key, default)
-
-    def set_extra_info(self, key: str, value: Any) -> None:
-        self.extra_info[key] = value
-
-    def update_extra_info(self, info_dict: Mapping[str, Any]) -> None:
-        self.extra_info.update(info_dict)
-
-    def remove_extra_info(self, key: str) -> Any:
-        return self.extra_info.pop(key, None)
-
-    def clear_extra_info(self) -> None:
-        self.extra_info.clear()
-
-    def has_extra_info(self, key: str) -> bool:
-        return key in self.extra_info
-
-    def get_all_extra_info(self) -> dict[str, Any]:
-        return copy.deepcopy(self.extra_info)
 
     # ------------------------------------------------------------ comparison, wire form
 
