@@ -69,6 +69,13 @@ class AliasModule(types.ModuleType):
     def __dir__(self) -> list[str]:
         return sorted(set(super().__dir__()) | set(dir(self.__alias_of__)))
 
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        # By reference, as pickle/cloudpickle treat modules: a Ray task that uses ``tq`` imports
+        # ``transfer_queue`` again in the worker (aliased there by TQ_LOADER_ALIAS_TRANSFER_QUEUE).
+        import importlib
+
+        return importlib.import_module, (self.__name__,)
+
 
 class _AliasLoader:
     """Creates the :class:`AliasModule` of one name; there is no code to execute."""

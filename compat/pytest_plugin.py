@@ -165,6 +165,6 @@ def _message_only_failure(item: pytest.Item, excinfo: pytest.ExceptionInfo[BaseE
     index = failing_lineno - start
     if not 0 <= index < len(lines):
         return None
-    if messages.is_trailing_message_assert(lines[index], lines[index + 1 :]):
+    if messages.is_trailing_message_assert(lines, index):
         return lines[index].strip()
     return None

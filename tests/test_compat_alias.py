@@ -81,6 +81,8 @@ def test_env_var_aliases_at_start_without_importing_torch() -> None:
             assert TransferQueueClient is tq_loader.TransferQueueClient and iface.kv_put is tq_loader.kv_put
             assert not hasattr(tq_loader, "sampler") and not hasattr(tq_loader, "interface")  # untouched
             assert tq_loader.__spec__.name == "tq_loader"
+            import pickle
+            assert pickle.loads(pickle.dumps(tq)) is tq  # by reference, as modules pickle
             print(tq.__name__, repr(tq))
             """,
             alias_env="1",
@@ -177,16 +179,26 @@ def test_ray_worker_gets_the_alias_through_its_runtime_env() -> None:
         runtime_env={"env_vars": {ENV_VAR: "1"}},
     )
     try:
+        from tq_loader.compat import alias_transfer_queue
+
+        alias_transfer_queue()  # this process too: the task below closes over the aliased module
+        import transfer_queue as tq
 
         @ray.remote(num_cpus=0)
-        def aliased_in_worker() -> str:
+        def aliased_in_worker() -> tuple[str, str]:
             import transfer_queue
 
-            return transfer_queue.BatchMeta.__module__
+            return transfer_queue.BatchMeta.__module__, tq.StreamingDataset.__module__
 
-        assert ray.get(aliased_in_worker.remote(), timeout=120) == "tq_loader.metadata"
+        assert ray.get(aliased_in_worker.remote(), timeout=120) == (
+            "tq_loader.metadata",
+            "tq_loader.loader.dataset",
+        )
     finally:
         ray.shutdown()
+        sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "TransferQueueAliasFinder"]
+        for name in [m for m in sys.modules if m == "transfer_queue" or m.startswith("transfer_queue.")]:
+            del sys.modules[name]
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -264,10 +276,22 @@ def test_harness_counts_a_message_only_difference_only_when_the_type_matches() -
 
 
 def test_harness_message_assert_rule_needs_nothing_but_message_asserts_after_it() -> None:
-    messages = _harness_messages()
-    failing = '        assert "Got duplicated keys" in str(exc_info.value)\n'
-    assert messages.is_trailing_message_assert(
-        failing, ['        assert "sample" in str(exc_info.value)\n', "\n"]
-    )
-    assert not messages.is_trailing_message_assert(failing, ["        assert meta.size == 0\n"])
-    assert not messages.is_trailing_message_assert("        assert meta.size == 0\n", [])
+    rule = _harness_messages().is_trailing_message_assert
+    raises_block = [
+        "    with pytest.raises(ValueError) as exc_info:\n",
+        "        KVBatchMeta(keys=['k', 'k'])\n",
+        '    assert "Got duplicated keys" in str(exc_info.value)\n',
+        '    assert "sample" in str(exc_info.value)\n',
+        "\n",
+    ]
+    assert rule(raises_block, 2) and rule(raises_block, 3)
+    assert not rule([*raises_block, "    assert meta.size == 0\n"], 2)  # more than text was left unrun
+    assert not rule(["    assert meta.size == 0\n"], 0)
+    handler = [
+        "    try:\n",
+        "        tq.kv_batch_get(keys='missing')\n",
+        "    except ValueError as e:\n",
+        '        assert "not found" in str(e).lower() or "empty" in str(e).lower()\n',
+    ]
+    assert rule(handler, 3)
+    assert not rule(['    assert "0" in str(result)\n'], 0)  # not a caught exception
