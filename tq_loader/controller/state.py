@@ -212,8 +212,6 @@ class PartitionState:
         pos, ok = self._lookup(ids)
         if not ok.all():
             bad = ids[~ok]
-            shown = ", ".join(str(int(i)) for i in bad[:_SHOW_IDS])
-            more = f" and {bad.size - _SHOW_IDS} more" if bad.size > _SHOW_IDS else ""
             gone = bad[np.isin(bad, self._abandoned)]
             if gone.size:
                 raise ClosedError(
@@ -223,7 +221,7 @@ class PartitionState:
                     "every producer has finished (or raise controller.seal_grace_s)"
                 )
             raise NotFoundError(
-                f"partition {self.partition_id!r} has no live rows with global ids {shown}{more}; "
+                f"partition {self.partition_id!r} has no live rows with global ids {_show(bad)}; "
                 "they were never inserted here or were cleared. Ask get_meta for current rows"
             )
         return pos
