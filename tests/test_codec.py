@@ -347,6 +347,21 @@ def test_non_tensor_stack_and_data_inputs() -> None:
     assert _roundtrip({"t": ("x", (1, 2))})["t"] == ["x", [1, 2]]  # tuples come back as lists
 
 
+def test_non_tensor_data_holding_one_value_per_row_is_split_as_transferqueue() -> None:
+    rows = [{"i": 0}, {"i": 1}, {"i": 2}]
+    out = _roundtrip({"d": NonTensorData(data=rows, batch_size=[3])})
+    assert out["d"] == rows
+    wrapped = TensorDict({"b": np.array([b"a", b"bc", b""], dtype="|S3")}, batch_size=[3])  # NonTensorData
+    assert _roundtrip(wrapped)["b"] == [b"a", b"bc", b""]
+
+
+def test_numpy_bytes_and_object_columns() -> None:
+    out = _roundtrip(
+        {"b": np.array([b"x", b"yz", b""], dtype="S2"), "o": np.array([1, "two", None], dtype=object)}
+    )
+    assert out == {"b": [b"x", b"yz", b""], "o": [1, "two", None]}
+
+
 class _Custom:
     pass
 

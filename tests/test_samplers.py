@@ -50,11 +50,11 @@ def test_sequential_accepts_numpy_and_returns_python_ints() -> None:
     assert all(type(i) is int for i in sampled)
 
 
-def test_sequential_too_few_ready_gives_what_is_ready_as_transferqueue() -> None:
-    assert SequentialSampler().sample([1, 2], 3, allow_partial=True) == ([1, 2], [1, 2])  # STRICT-UNTIL
+def test_sequential_too_few_ready_and_zero_batch() -> None:
+    assert SequentialSampler().sample([1, 2], 3) == ([], [])
+    assert SequentialSampler().sample([1, 2], 3, allow_partial=True) == ([1, 2], [1, 2])
     assert SequentialSampler().sample([], 1) == ([], [])
-    assert SequentialSampler().sample([1, 2, 3], 0) == ([], [])
-    assert SequentialSampler().sample([1, 2], 3, allow_partial=False) == ([], [])  # strict on request
+    assert SequentialSampler().sample([1, 2, 3], 0) == ([], [])  # as TransferQueue
 
 
 def test_sample_batch_waits_until_enough_rows_are_ready() -> None:

@@ -16,13 +16,19 @@ from tq_loader.samplers.base import (
 )
 from tq_loader.samplers.builtin import GRPOGroupNSampler, RankAwareSampler, SequentialSampler
 from tq_loader.samplers.rounds import LedgerKey, LedgerStatistics, Round, RoundLedger
-from tq_loader.samplers.seqlen import SeqlenBalancedSampler, get_seqlen_balanced_partitions, karmarkar_karp
+from tq_loader.samplers.seqlen import (
+    PartitionCountError,
+    SeqlenBalancedSampler,
+    get_seqlen_balanced_partitions,
+    karmarkar_karp,
+)
 
 __all__ = [
     "BaseSampler",
     "GRPOGroupNSampler",
     "LedgerKey",
     "LedgerStatistics",
+    "PartitionCountError",
     "RankAwareSampler",
     "Round",
     "RoundLedger",

@@ -33,11 +33,11 @@ __all__ = ["GRPOGroupNSampler", "RankAwareSampler", "SequentialSampler"]
 class SequentialSampler(BaseSampler):
     """Up to ``batch_size`` ready rows in the order given; sampled == consumed.
 
-    As in TransferQueue, fewer ready rows than asked gives what is ready
-    (``sample([0, 1], 5) == ([0, 1], [0, 1])``) and ``batch_size=0`` gives ``([], [])``; the
-    controller asks through :meth:`sample_batch`, which waits until enough rows are ready.
-    ``allow_partial=False`` in the config makes a short batch ``([], [])`` instead. A negative
-    ``batch_size`` raises (TransferQueue slices with it and returns all rows but the last).
+    ``batch_size=0`` gives ``([], [])`` as in TransferQueue; a negative size raises (TransferQueue
+    slices with it and returns every row but the last). Fewer ready rows than asked give
+    ``([], [])`` unless ``allow_partial=True`` (then what is ready). TransferQueue returns what is
+    ready either way; tq_loader will too once the controller asks through :meth:`sample_batch`,
+    which owns the "wait for ``batch_size`` rows" rule (until then the controller relies on this one).
     """
 
     def sample(
@@ -45,7 +45,7 @@ class SequentialSampler(BaseSampler):
     ) -> tuple[list[int], list[int]]:
         batch_size = check_batch_size(batch_size)
         ready = as_index_array(ready_indexes)
-        if len(ready) < batch_size and not allow_partial(sampling_config):  # STRICT-UNTIL-CONTROLLER
+        if len(ready) < batch_size and not allow_partial(sampling_config):
             return [], []
         picked = ready[:batch_size].tolist()
         return picked, list(picked)
