@@ -55,6 +55,9 @@ class Channel(ABC):
     #: views of the service's own memory (an in-process service), which the caller must copy
     #: before handing them out as writable tensors.
     private_replies: bool = True
+    #: True when the service runs in this process: buffers may be handed over by reference (an
+    #: output buffer to fill, the whole batch to copy rows from) instead of being sent.
+    in_process: bool = False
 
     @abstractmethod
     async def request(
@@ -105,6 +108,7 @@ class LocalChannel(Channel):
     """A :class:`Channel` to a service hosted by this process (see the module docstring)."""
 
     private_replies = False
+    in_process = True
 
     def __init__(self, address: str, *, grace: float = 5.0) -> None:
         self.address = address
@@ -163,7 +167,7 @@ async def _serve(
     """Run the handler on its own loop with the request's deadline; errors keep their wire type."""
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + max(0.0, timeout)
-    ctx = RequestContext(request_id, deadline, loop)
+    ctx = RequestContext(request_id, deadline, loop, in_process=True)
     try:
         reply, out = await endpoint.handler(ctx, body, views)
     except TQError:

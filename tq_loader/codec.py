@@ -328,7 +328,9 @@ def _view(mv: memoryview, dtype: torch.dtype, shape: Sequence[int], copy: bool, 
     raw = torch.frombuffer(mv, dtype=torch.uint8)
     if dtype == torch.bool and bool(raw.max() > 1):
         raise ProtocolError(f"column {name!r}: bool buffer holds bytes other than 0 and 1")
-    if copy:
+    if copy or raw.data_ptr() % min(dtype.itemsize, 16):
+        # a buffer at an address the dtype's kernels cannot read in place (e.g. a complex128 column at
+        # an 8-byte offset inside a file) is copied: vectorised copies of it would fault
         raw = raw.clone()
     return raw.view(dtype).view(tuple(shape))
 

@@ -200,18 +200,29 @@ class ImportState(_Msg):
 
 # ---------------------------------------------------------------- storage unit requests
 class PutRows(_Msg):
+    """Store rows. ``positions`` (int64 bytes; empty: row i is row i): row ``i`` of this put is row
+    ``positions[i]`` of the columns sent -- an in-process caller hands a unit the whole batch and
+    the unit copies its rows straight out of it."""
+
     partition_id: str
     global_indexes: bytes
     columns: list[ColumnSpec]
     schemas: dict[str, FieldSchema]
     timeout: float | None = None
+    positions: bytes = b""
 
 
 class GetRows(_Msg):
+    """Read rows. ``into`` (in-process callers only): fields whose output tensors come as this
+    request's buffers (in that order, shapes per ``schemas``); the unit copies row ``i`` into row
+    ``positions[i]`` of each and lists them in ``RowsReply.written`` -- one copy, no reply frames."""
+
     partition_id: str
     global_indexes: bytes
     fields: list[str]
     schemas: dict[str, FieldSchema] = {}
+    positions: bytes = b""
+    into: list[str] = []
 
 
 class DropRows(_Msg):
@@ -284,6 +295,7 @@ class StateReply(_Msg):
 class RowsReply(_Msg):
     global_indexes: bytes
     columns: list[ColumnSpec]
+    written: list[str] = []  # fields copied into the request's ``into`` buffers (not in ``columns``)
 
 
 Request = Union[

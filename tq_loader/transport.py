@@ -77,6 +77,7 @@ class RequestContext:
     request_id: int
     deadline: float | None  # loop.time() at which the client's timeout passes
     loop: asyncio.AbstractEventLoop = field(repr=False)
+    in_process: bool = False  # the caller is in this process (buffers are its memory, not frames)
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - self.loop.time()
@@ -324,6 +325,7 @@ class Connection:
     """
 
     private_replies = True
+    in_process = False
 
     def __init__(
         self,

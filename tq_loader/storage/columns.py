@@ -27,8 +27,8 @@ from tq_loader.schema import FieldSchema
 from tq_loader.storage.segments import gather, ragged_range
 
 __all__ = [
-    "assemble", "flat_rows", "index_copy", "index_tensor", "jagged_view", "kind_of", "make_rows", "num_rows",
-    "object_array", "offsets_of", "ragged_range", "row_list", "take_rows", "target_kind", "torch_dtype",
+    "assemble", "copy_rows", "flat_rows", "index_copy", "index_tensor", "jagged_view", "kind_of", "make_rows", "num_rows",
+    "object_array", "offsets_of", "ragged_range", "row_list", "row_runs", "take_rows", "target_kind", "torch_dtype",
 ]  # fmt: skip
 
 
@@ -45,6 +45,37 @@ def index_copy(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> Non
         if alias is None or dst.is_complex():
             raise
         dst.view(alias).index_copy_(0, index, src.view(alias))
+
+
+def row_runs(dst_rows: np.ndarray, src_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, lengths) of the runs where both row lists advance by one together."""
+    n = dst_rows.size
+    if n == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    brk = np.flatnonzero((np.diff(dst_rows) != 1) | (np.diff(src_rows) != 1)) + 1
+    starts = np.concatenate(([0], brk)).astype(np.int64)
+    return starts, np.diff(np.concatenate((starts, [n])))
+
+
+def copy_rows(
+    dst: torch.Tensor, dst_rows: np.ndarray, src: torch.Tensor, src_rows: np.ndarray | None = None
+) -> None:
+    """``dst[dst_rows] = src[src_rows]`` (``src_rows`` None: all of ``src``) in ONE copy of the bytes.
+
+    Rows that lie together in both become one slice copy (a put of consecutive ids into fresh
+    slots is a handful of runs); a fragmented selection falls back to an indexed copy.
+    """
+    dst_rows = np.asarray(dst_rows, dtype=np.int64)
+    whole = src_rows is None
+    src_rows = np.arange(dst_rows.size, dtype=np.int64) if whole else np.asarray(src_rows, np.int64)
+    starts, lens = row_runs(dst_rows, src_rows)
+    if starts.size <= max(4, dst_rows.size // 16):  # long runs: slices, no index, no temporary
+        for s, k in zip(starts.tolist(), lens.tolist(), strict=True):
+            d, r = int(dst_rows[s]), int(src_rows[s])
+            dst.narrow(0, d, k).copy_(src.narrow(0, r, k))
+        return
+    picked = src if whole else src.index_select(0, index_tensor(src_rows))
+    index_copy(dst, index_tensor(dst_rows), picked)
 
 
 def torch_dtype(name: str) -> torch.dtype:

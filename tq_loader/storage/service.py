@@ -10,14 +10,18 @@ free space. Bad requests raise typed errors, which the Server turns into error r
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from tq_loader import protocol as p
 from tq_loader.codec import decode_columns, encode_columns
 from tq_loader.errors import CapacityError, ProtocolError
+from tq_loader.schema import FieldSchema
+from tq_loader.storage.columns import torch_dtype
 from tq_loader.storage.export import encode_export
 from tq_loader.storage.unit import SimpleStorageUnit
 from tq_loader.transport import RequestContext
@@ -76,7 +80,8 @@ class StorageUnitService:
                     f"{unit.capacity_rows} rows; split the batch or raise storage.capacity_rows"
                 )
             await self._wait_for_room(ctx, req, ids, need)
-        unit.put(pid, ids, columns, req.schemas, copy_objects=False)
+        positions = p.ids_from_wire(req.positions) if req.positions else None
+        unit.put(pid, ids, columns, req.schemas, copy_objects=False, positions=positions)
         return p.Ok(), []
 
     async def _wait_for_room(self, ctx: RequestContext, req: p.PutRows, ids: np.ndarray, need: int) -> None:
@@ -102,10 +107,35 @@ class StorageUnitService:
 
     async def _get(self, ctx: RequestContext, req: p.GetRows, buffers: list[memoryview]) -> tuple[Any, list]:
         ids = p.ids_from_wire(req.global_indexes)
+        if req.into and not ctx.in_process:
+            raise ProtocolError("GetRows: 'into' buffers are for in-process callers; omit it over the network")
+        written = self._read_into(req, ids, buffers) if req.into else []
+        rest = [name for name in req.fields if name not in written]
         # views of the unit's write-once nested chunks: the reply's frames are sent without a copy
-        columns = self.unit.get(req.partition_id, ids, req.fields, copy_objects=False, copy=False)
+        columns = self.unit.get(req.partition_id, ids, rest, copy_objects=False, copy=False)
         specs, bufs = encode_columns(columns)
-        return p.RowsReply(global_indexes=req.global_indexes, columns=specs), bufs
+        return p.RowsReply(global_indexes=req.global_indexes, columns=specs, written=written), bufs
+
+    def _read_into(self, req: p.GetRows, ids: np.ndarray, buffers: list[memoryview]) -> list[str]:
+        """Copy dense fields straight into the caller's output tensors (an in-process caller)."""
+        if len(buffers) != len(req.into) or len(set(req.into)) != len(req.into):
+            raise ProtocolError(f"GetRows: {len(req.into)} 'into' fields but {len(buffers)} buffers")
+        positions = p.ids_from_wire(req.positions)
+        written = []
+        for name, buf in zip(req.into, buffers, strict=True):
+            schema = req.schemas.get(name)
+            if schema is None or schema.is_non_tensor or name not in req.fields:
+                raise ProtocolError(
+                    f"GetRows: 'into' field {name!r} needs a tensor schema and must be requested"
+                )
+            out = _output_view(buf, schema, name)
+            if positions.size and positions.max() >= out.size(0):
+                raise ProtocolError(
+                    f"GetRows: field {name!r}: positions beyond its {out.size(0)} output rows"
+                )
+            if self.unit.read_into(req.partition_id, ids, name, out, positions):
+                written.append(name)
+        return written
 
     async def _drop(
         self, ctx: RequestContext, req: p.DropRows, buffers: list[memoryview]
@@ -134,3 +164,12 @@ class StorageUnitService:
 
     def statistics(self) -> dict[str, Any]:
         return {**self.unit.statistics(), "service": {"puts_waiting": self._waiting}}
+
+
+def _output_view(buf: memoryview, schema: FieldSchema, name: str) -> torch.Tensor:
+    """The caller's output buffer as a tensor of rows of ``schema`` (it must hold whole rows)."""
+    dtype = torch_dtype(schema.dtype)
+    row = math.prod(schema.shape) * dtype.itemsize
+    if buf.readonly or buf.nbytes == 0 or row == 0 or buf.nbytes % row:
+        raise ProtocolError(f"GetRows: the output buffer of {name!r} is not a writable array of whole rows")
+    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(-1, *schema.shape)

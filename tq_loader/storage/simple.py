@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 
+from tq_loader import memory
 from tq_loader import protocol as p
 from tq_loader.batch import PreparedBatch
 from tq_loader.codec import decode_columns, encode_columns, to_tensordict
@@ -27,7 +28,7 @@ from tq_loader.errors import DataLostError, NotFoundError, SchemaError, TQConnec
 from tq_loader.metadata import BatchMeta, schema_of
 from tq_loader.schema import FieldSchema
 from tq_loader.storage.base import BackendInfo, StorageLost, StorageManager, register_storage_manager
-from tq_loader.storage.columns import assemble, take_rows, target_kind
+from tq_loader.storage.columns import assemble, take_rows, target_kind, torch_dtype
 from tq_loader.storage.export import decode_export
 from tq_loader.striping import DEFAULT_STRIPE_ROWS, check_stripe_rows, unit_of
 
@@ -127,22 +128,28 @@ class SimpleStorageManager(StorageManager):
         if n == 0 or not batch.columns:
             return
         groups = _groups(meta, len(self.addresses), self.stripe_rows)
+        whole: tuple[list[Any], list[memoryview]] | None = None
         sends = []
         for pid, unit, pos in groups:
-            # A part is only encoded and sent while the caller's columns are alive: a unit's rows
-            # that form one contiguous run go as a view of them (copy=False), others are gathered.
-            part = (
-                batch.columns
-                if len(groups) == 1
-                else {name: take_rows(value, pos, copy=False) for name, value in batch.columns.items()}
-            )
-            specs, buffers = encode_columns(part)
+            positions = b""
+            if len(groups) == 1:
+                specs, buffers = encode_columns(batch.columns)
+            elif self._connect(self.addresses[unit]).in_process:
+                # an in-process unit copies its rows straight out of the caller's whole columns
+                whole = whole or encode_columns(batch.columns)
+                (specs, buffers), positions = whole, p.ids_to_wire(pos)
+            else:
+                # sent while the caller's columns are alive: a unit's rows that form one contiguous
+                # run go as a view of them (copy=False), others are gathered
+                part = {name: take_rows(value, pos, copy=False) for name, value in batch.columns.items()}
+                specs, buffers = encode_columns(part)
             body = p.PutRows(
                 partition_id=pid,
                 global_indexes=p.ids_to_wire(meta.global_index_array[pos]),
                 columns=specs,
                 schemas=batch.schemas,
                 timeout=self.put_timeout,
+                positions=positions,
             )
             sends.append(self._request(unit, body, buffers))
         await self._gather(sends)
@@ -152,6 +159,12 @@ class SimpleStorageManager(StorageManager):
         fields = list(known) if fields is None else list(fields)
         n = meta.size
         groups = _groups(meta, len(self.addresses), self.stripe_rows) if fields else []
+        # In-process units copy dense fields straight into the result (one copy, no reply frames).
+        into = {}
+        if groups and all(self._connect(self.addresses[u]).in_process for _, u, _ in groups):
+            into = {name: _output(known[name], n) for name in fields if _is_dense(known.get(name))}
+        into_bufs = [_byte_buffer(t) for t in into.values()]
+        into_schemas = {name: known[name] for name in into}
         replies = await self._gather(
             [
                 self._request(
@@ -160,13 +173,17 @@ class SimpleStorageManager(StorageManager):
                         partition_id=pid,
                         global_indexes=p.ids_to_wire(meta.global_index_array[pos]),
                         fields=fields,
+                        schemas=into_schemas,
+                        positions=p.ids_to_wire(pos) if into else b"",
+                        into=list(into),
                     ),
+                    into_bufs,
                 )
                 for pid, unit, pos in groups
             ]
         )
         decoded = [
-            (pos, decode_columns(reply.columns, frames, copy=False))
+            (pos, set(reply.written), decode_columns(reply.columns, frames, copy=False))
             for (_, _, pos), (reply, frames) in zip(groups, replies, strict=True)
         ]
         # One unit answered for every row, in order, in frames that belong to this call alone:
@@ -174,14 +191,20 @@ class SimpleStorageManager(StorageManager):
         whole = len(groups) == 1 and self._connect(self.addresses[groups[0][1]]).private_replies
         columns: dict[str, Any] = {}
         for name in fields:
+            if name in into and all(name in written for _, written, _ in decoded):
+                columns[name] = into[name]
+                continue
             parts = []
-            for pos, cols in decoded:
-                if name not in cols:
+            for pos, written, cols in decoded:
+                if name in written:  # a unit filled the dense result, another answered otherwise
+                    parts.append((pos, into[name].index_select(0, torch.from_numpy(pos))))
+                elif name in cols:
+                    parts.append((pos, cols[name]))
+                else:
                     raise NotFoundError(
                         f"field {name!r}: a storage unit answered without it "
                         f"(rows {meta.global_index_array[pos[:8]].tolist()})"
                     )
-                parts.append((pos, cols[name]))
             schema = _column_schema(name, known.get(name), parts)
             if schema is None:
                 continue  # no rows and no schema: nothing can be said about the column
@@ -244,6 +267,19 @@ class SimpleStorageManager(StorageManager):
             "rows": sum(u.get("rows", 0) for u in units.values()),
             "units": units,
         }
+
+
+def _is_dense(schema: FieldSchema | None) -> bool:
+    return schema is not None and target_kind(schema)[0] == "dense"
+
+
+def _output(schema: FieldSchema, n: int) -> torch.Tensor:
+    return memory.empty((n, *schema.shape), torch_dtype(schema.dtype))
+
+
+def _byte_buffer(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous tensor (what an in-process unit fills)."""
+    return memoryview(t.view(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(bytearray())
 
 
 def _returns_as_is(schema: FieldSchema, value: Any) -> bool:

@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from tq_loader import memory
 from tq_loader.errors import SchemaError
 from tq_loader.schema import FieldSchema
 from tq_loader.storage.columns import (
+    copy_rows,
     flat_rows,
-    index_copy,
     index_tensor,
     jagged_view,
     kind_of,
@@ -34,6 +35,7 @@ from tq_loader.storage.columns import (
     object_array,
     offsets_of,
     row_list,
+    take_rows,
     target_kind,
     torch_dtype,
 )
@@ -51,7 +53,8 @@ def _grow(n: int, cap: int, limit: int | None) -> int:
 class Column:
     """Rows of one field of one partition, by slot; ``has[slot]``: whether the slot holds a value.
 
-    ``write(slots, value, copy_objects) -> tensor bytes stored``; ``read(slots, copy_objects, copy)``
+    ``write(slots, value, copy_objects, positions) -> tensor bytes stored`` stores rows ``positions``
+    of ``value`` (``None``: all of them, in order) in ``slots``; ``read(slots, copy_objects, copy)``
     returns fresh values (``copy=False``: tensors may be read-only views of memory the store never
     writes again); ``rows`` (object array) is kept by the nested and object stores.
     """
@@ -90,7 +93,9 @@ class Column:
         if self.rows is not None:
             self.rows[slots] = None  # release the rows' memory
 
-    def write(self, slots: np.ndarray, value: Any, copy_objects: bool) -> int:
+    def write(
+        self, slots: np.ndarray, value: Any, copy_objects: bool, positions: np.ndarray | None = None
+    ) -> int:
         raise NotImplementedError
 
     def read(self, slots: np.ndarray, copy_objects: bool, copy: bool = True) -> Any:
@@ -110,27 +115,49 @@ class DenseColumn(Column):
         self.row_bytes = int(np.prod(schema.shape, dtype=np.int64)) * self.dtype.itemsize
 
     def _resize(self, cap: int) -> None:
-        data = torch.empty((cap, *self.schema.shape), dtype=self.dtype)
+        data = memory.empty((cap, *self.schema.shape), self.dtype)
         data[: self.data.size(0)].copy_(self.data)
         self.data = data
 
-    def write(self, slots: np.ndarray, value: Any, copy_objects: bool) -> int:
+    def write(
+        self, slots: np.ndarray, value: Any, copy_objects: bool, positions: np.ndarray | None = None
+    ) -> int:
         if not isinstance(value, torch.Tensor):  # same-shape rows given as a list of tensors
-            value = torch.stack(list(value))
-        index_copy(self.data, index_tensor(slots), value)
+            rows = list(value) if positions is None else [value[i] for i in positions.tolist()]
+            value, positions = torch.stack(rows), None
+        copy_rows(self.data, slots, value, positions)
         self.has[slots] = True
         return slots.size * self.row_bytes
 
     def read(self, slots: np.ndarray, copy_objects: bool, copy: bool = True) -> torch.Tensor:
-        return self.data.index_select(0, index_tensor(slots))  # always a copy: slots are reused
+        out = memory.empty((slots.size, *self.schema.shape), self.dtype)  # always a copy: slots are reused
+        copy_rows(out, np.arange(slots.size), self.data, slots)
+        return out
+
+    def read_into(self, slots: np.ndarray, out: torch.Tensor, positions: np.ndarray) -> bool:
+        """Copy the rows of ``slots`` to rows ``positions`` of ``out``; False if ``out`` does not fit."""
+        if out.dtype != self.dtype or tuple(out.shape[1:]) != tuple(self.schema.shape):
+            return False
+        copy_rows(out, positions, self.data, slots)
+        return True
 
     def nbytes(self) -> int:
         return int(self.has.sum()) * self.row_bytes
 
 
-def _private_flat(value: Any, d: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """(chunk, starts, lens): ``value``'s rows laid end to end along ``d`` in ONE fresh tensor (one copy)."""
+def _private_flat(
+    value: Any, d: int, positions: np.ndarray | None
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """(chunk, starts, lens): rows ``positions`` of ``value`` (all if None) laid end to end along ``d``
+    in ONE fresh tensor (one copy)."""
     kind = kind_of(value)
+    if positions is not None:
+        if kind == "jagged" and value._ragged_idx - 1 == d:
+            values, _, starts, lens = jagged_view(value)
+            starts, lens = starts[positions], lens[positions]
+            chunk = gather([values], d, None, starts, lens, copy=True)
+            return chunk, np.cumsum(lens) - lens, lens
+        value = take_rows(value, positions, copy=False)
     if kind == "dense":  # copy straight into the flat layout
         b, size = value.size(0), value.size(d + 1)
         shape = list(value.shape[1:])
@@ -229,15 +256,19 @@ class NestedColumn(Column):
         self._release(slots)
         super().clear(slots)
 
-    def write(self, slots: np.ndarray, value: Any, copy_objects: bool) -> int:
+    def write(
+        self, slots: np.ndarray, value: Any, copy_objects: bool, positions: np.ndarray | None = None
+    ) -> int:
         self._release(slots)  # rows written again: their old chunks may go
         kind, d = target_kind(self.schema)
         flat = None
         if kind == "jagged":
             try:
-                flat = _private_flat(value, d)
+                flat = _private_flat(value, d, positions)
             except (SchemaError, RuntimeError):  # rows that do not fit one flat layout: kept per row
                 flat = None
+        if flat is None and positions is not None:
+            value = take_rows(value, positions, copy=False)
         if flat is not None:
             chunk, starts, lens = flat
             shapes = np.tile(np.asarray(chunk.shape, dtype=np.int64), (slots.size, 1))
@@ -290,8 +321,10 @@ class ObjectColumn(Column):
         super().__init__(schema)
         self.rows = np.empty(0, dtype=object)
 
-    def write(self, slots: np.ndarray, value: Any, copy_objects: bool) -> int:
-        values = list(value)
+    def write(
+        self, slots: np.ndarray, value: Any, copy_objects: bool, positions: np.ndarray | None = None
+    ) -> int:
+        values = list(value) if positions is None else [value[i] for i in positions.tolist()]
         self.rows[slots] = object_array(deepcopy(values) if copy_objects else values)
         self.has[slots] = True
         return 0

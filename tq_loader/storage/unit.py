@@ -195,20 +195,28 @@ class SimpleStorageUnit:
         schemas: Mapping[str, FieldSchema] | None = None,
         *,
         copy_objects: bool = True,
+        positions: Any = None,
     ) -> dict[str, FieldSchema]:
         """Store ``columns`` (field -> column value, one row per id); returns the columns' schemas.
 
         ``schemas``: the merged schemas from the controller (a column turns jagged when they say
         so). All-or-nothing: a schema conflict raises ``SchemaError`` and a full unit
         ``CapacityError`` before anything changes. ``copy_objects=False`` adopts non-tensor rows
-        without a deep copy (for freshly decoded data nobody else holds).
+        without a deep copy (for freshly decoded data nobody else holds). ``positions``: row ``i``
+        of this put is row ``positions[i]`` of every column (the columns of a whole batch, of which
+        this unit takes some rows, are copied from in place: no gather first).
         """
         ids = _ids(ids)
         self._requests["put"] += 1
         if np.unique(ids).size != ids.size:
             raise SchemaError(f"partition {partition_id!r}: duplicate global indexes in one put")
+        pos = None if positions is None else _ids(positions)
+        if pos is not None and pos.size != ids.size:
+            raise SchemaError(
+                f"partition {partition_id!r}: {pos.size} row positions for {ids.size} global indexes"
+            )
         schemas = dict(schemas or {})
-        plan = self._plan(partition_id, ids, columns, schemas)
+        plan = self._plan(partition_id, ids, columns, schemas, pos)
         if ids.size == 0:
             return {name: schema for name, (schema, _) in plan.items()}
         part = self._parts.get(partition_id)
@@ -237,11 +245,16 @@ class SimpleStorageUnit:
                 col = part.columns[name] = NestedColumn.from_dense(col, schema)  # type: ignore[arg-type]
             col.schema = schema
             col.ensure(part.hwm, self.capacity_rows)
-            self._bytes["in"] += col.write(slots, value, copy_objects)
+            self._bytes["in"] += col.write(slots, value, copy_objects, pos)
         return {name: schema for name, (schema, _) in plan.items()}
 
     def _plan(
-        self, pid: str, ids: np.ndarray, columns: Mapping[str, Any], schemas: dict[str, FieldSchema]
+        self,
+        pid: str,
+        ids: np.ndarray,
+        columns: Mapping[str, Any],
+        schemas: dict[str, FieldSchema],
+        positions: np.ndarray | None = None,
     ) -> dict[str, tuple[FieldSchema, Any]]:
         """Each field's schema after this put, validated against the data; raises before any change."""
         part = self._parts.get(pid)
@@ -249,10 +262,13 @@ class SimpleStorageUnit:
         for name, value in columns.items():
             if not isinstance(name, str):
                 raise SchemaError(f"partition {pid!r}: field names must be str, got {name!r}")
-            if num_rows(value) != ids.size:
+            rows = num_rows(value)
+            if positions is None and rows != ids.size:
                 raise SchemaError(
-                    f"partition {pid!r}, field {name!r}: {num_rows(value)} rows for {ids.size} global indexes"
+                    f"partition {pid!r}, field {name!r}: {rows} rows for {ids.size} global indexes"
                 )
+            if positions is not None and positions.size and (positions.min() < 0 or positions.max() >= rows):
+                raise SchemaError(f"partition {pid!r}, field {name!r}: row positions outside its {rows} rows")
             col = None if part is None else part.columns.get(name)
             try:
                 merged = col.schema if col is not None else None
@@ -298,6 +314,26 @@ class SimpleStorageUnit:
             out[name] = col.read(slots, copy_objects, copy)
             self._bytes["out"] += _tensor_bytes(out[name])
         return out
+
+    def read_into(self, partition_id: str, ids: Any, field: str, out: Any, positions: Any) -> bool:
+        """Copy field ``field`` of rows ``ids`` into rows ``positions`` of the caller's tensor ``out``
+        (one copy, no temporary); False (nothing written) when the column is not a dense one of
+        ``out``'s dtype and row shape -- the caller then reads it with :meth:`get`."""
+        ids, pos = _ids(ids), _ids(positions)
+        part, slots = self._slots(partition_id, ids)
+        col = part.columns.get(field)
+        if col is None or col.kind != "dense" or pos.size != ids.size:
+            return False
+        present = col.present(slots)
+        if not present.all():
+            raise NotFoundError(
+                f"partition {partition_id!r}, field {field!r}: rows {_first(ids[~present])} have no "
+                "value for it; write the field for these rows first"
+            )
+        if not col.read_into(slots, out, pos):  # type: ignore[attr-defined]
+            return False
+        self._bytes["out"] += slots.size * col.row_bytes  # type: ignore[attr-defined]
+        return True
 
     def _slots(self, pid: str, ids: np.ndarray) -> tuple[_Partition, np.ndarray]:
         part = self._parts.get(pid)
