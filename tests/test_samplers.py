@@ -51,7 +51,8 @@ def test_sequential_accepts_numpy_and_returns_python_ints() -> None:
 
 
 def test_sequential_too_few_ready_and_zero_batch() -> None:
-    assert SequentialSampler().sample([1, 2], 3) == ([], [])
+    assert SequentialSampler().sample([1, 2], 3) == ([1, 2], [1, 2])  # what is ready, as TransferQueue
+    assert SequentialSampler().sample([1, 2], 3, allow_partial=False) == ([], [])
     assert SequentialSampler().sample([1, 2], 3, allow_partial=True) == ([1, 2], [1, 2])
     assert SequentialSampler().sample([], 1) == ([], [])
     assert SequentialSampler().sample([1, 2, 3], 0) == ([], [])  # as TransferQueue

@@ -46,7 +46,7 @@ def _as_column(name: str, value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return objects.numpy_column(value, name)
     if isinstance(value, (NonTensorStack, NonTensorData)):
-        return objects.non_tensor_rows(value)
+        return objects.non_tensor_rows(value, name)
     if isinstance(value, TensorDictBase):
         raise SchemaError(f"field {name!r} is a nested TensorDict; flatten it first (td.flatten_keys('.'))")
     if isinstance(value, (list, tuple)):

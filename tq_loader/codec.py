@@ -243,7 +243,7 @@ def _encode_value(name: str, value: Any) -> tuple[ColumnSpec, list[memoryview]]:
     if isinstance(value, np.ndarray):  # numeric: a dense tensor; strings/objects: a list of rows
         return _encode_value(name, objects.numpy_column(value, name))
     if isinstance(value, (NonTensorStack, NonTensorData)):  # rows may be tensors: list rules apply
-        return _encode_value(name, objects.non_tensor_rows(value))
+        return _encode_value(name, objects.non_tensor_rows(value, name))
     if isinstance(value, TensorDictBase):
         raise SchemaError(
             f"field {name!r}: nested TensorDicts are not columns; flatten with td.flatten_keys('.')"

@@ -13,6 +13,7 @@ The returned tensor owns its mapping: it is unmapped when the last tensor viewin
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 from collections.abc import Sequence
@@ -33,10 +34,8 @@ def empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     if _ADVICE is None or nbytes < MIN_HUGE_BYTES:
         return torch.empty(shape, dtype=dtype)
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
+    with contextlib.suppress(OSError):  # a kernel without THP: plain pages, still correct
         region.madvise(_ADVICE)
-    except OSError:  # a kernel without THP: plain pages, still correct
-        pass
     raw = torch.frombuffer(region, dtype=torch.uint8)  # keeps ``region`` alive
     skip = (-raw.data_ptr()) % HUGE_PAGE  # start on a huge-page boundary
     return raw.narrow(0, skip, nbytes).view(dtype).view(shape)

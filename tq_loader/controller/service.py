@@ -406,7 +406,7 @@ class ControllerService:
         ready = part.ready(req.data_fields, task)
         sampler = self._sampler(req.sampler)
         cfg = self._sampling_config(part, ready, req, sampler)
-        sampled, consumed = sampler.sample(ready, req.batch_size, **cfg)
+        sampled, consumed = sampler.sample_batch(ready, req.batch_size, **cfg)
         if len(sampled) == 0:
             left = part.count_unconsumed(task)
             if not part.sealed or left >= req.batch_size:
@@ -414,7 +414,7 @@ class ControllerService:
             if req.allow_partial and left > 0:
                 if left > len(ready):
                     return None  # the tail's columns are still being written
-                sampled, consumed = sampler.sample(ready, req.batch_size, **cfg, allow_partial=True)
+                sampled, consumed = sampler.sample_batch(ready, req.batch_size, **cfg, allow_partial=True)
             if len(sampled) == 0:
                 return self._end_of_stream(part, req, task)
         part.mark_consumed(task, np.asarray(consumed, np.int64))

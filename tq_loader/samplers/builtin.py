@@ -34,10 +34,9 @@ class SequentialSampler(BaseSampler):
     """Up to ``batch_size`` ready rows in the order given; sampled == consumed.
 
     ``batch_size=0`` gives ``([], [])`` as in TransferQueue; a negative size raises (TransferQueue
-    slices with it and returns every row but the last). Fewer ready rows than asked give
-    ``([], [])`` unless ``allow_partial=True`` (then what is ready). TransferQueue returns what is
-    ready either way; tq_loader will too once the controller asks through :meth:`sample_batch`,
-    which owns the "wait for ``batch_size`` rows" rule (until then the controller relies on this one).
+    slices with it and returns every row but the last). Fewer ready rows than asked give what is
+    ready, as in TransferQueue (``allow_partial=False`` asks for ``([], [])`` instead); the
+    controller asks through :meth:`sample_batch`, which owns the "wait for ``batch_size`` rows" rule.
     """
 
     def sample(
@@ -45,7 +44,7 @@ class SequentialSampler(BaseSampler):
     ) -> tuple[list[int], list[int]]:
         batch_size = check_batch_size(batch_size)
         ready = as_index_array(ready_indexes)
-        if len(ready) < batch_size and not allow_partial(sampling_config):
+        if len(ready) < batch_size and sampling_config.get("allow_partial") is False:
             return [], []
         picked = ready[:batch_size].tolist()
         return picked, list(picked)
