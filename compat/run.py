@@ -9,6 +9,7 @@ on TransferQueue itself, without exclusions, as the reference. Each test file an
 in its own process group with a time limit; logs and outcomes stay in the scratch folder.
 
     python -m compat.run [--against tq_loader|transferqueue] [--json PATH] [-k EXPR] [--only tutorials|tests]
+    python -m compat.run --exclusions-md     # the exclusion list as a Markdown table
 """
 
 from __future__ import annotations
@@ -220,15 +221,30 @@ def _last_error(output: str) -> str:
     return (errors or lines or ["(no output)"])[-1][:300]
 
 
+def exclusions_markdown(harness: data.HarnessData) -> str:
+    """The exclusions and scaffolding overrides as Markdown tables (for docs/compat.md)."""
+    rows = ["| TransferQueue test | why it is not run on tq_loader |", "|---|---|"]
+    rows += [f"| `{e.test}` | {e.category}: {e.reason} |" for e in harness.exclusions]
+    rows += ["", "| test module | scaffolding replaced on tq_loader |", "|---|---|"]
+    rows += [f"| `{o.module}` (`{', '.join(o.fixtures)}`) | {o.reason} |" for o in harness.overrides]
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--against", choices=("tq_loader", "transferqueue"), default="tq_loader")
     parser.add_argument("--json", type=Path, help="write all outcomes (tutorials and tests) here")
     parser.add_argument("-k", dest="keyword", help="only tests matching this pytest -k expression")
     parser.add_argument("--only", choices=("tutorials", "tests"))
+    parser.add_argument(
+        "--exclusions-md", action="store_true", help="print the exclusions as a Markdown table"
+    )
     args = parser.parse_args(argv)
 
     harness = data.load()
+    if args.exclusions_md:
+        print(exclusions_markdown(harness))
+        return 0
     site = site_packages(TQ_VENV)
     prepare_workdir(site)
     python = (PROJECT_VENV if args.against == "tq_loader" else TQ_VENV) / "bin" / "python"
