@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo bench clean compat
+.PHONY: setup test lint demo bench bench-quick clean compat
 
 setup: $(STAMP)
 
@@ -27,8 +27,14 @@ lint: setup
 demo: setup
 	$(BIN)/tq-loader demo
 
+# The benchmark suite (tq_loader/bench, = `tq-loader bench`): Markdown, JSON and PNGs under
+# benchmarks/results/. `bench` installs TransferQueue 0.1.11 into .venv-tq when it is missing;
+# `bench-quick` (tiny sizes, < 1 minute; run by `make test` through tests/test_benchmarks.py) never does.
 bench: setup
-	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m tq_loader.bench
+
+bench-quick: setup
+	$(BIN)/python -m tq_loader.bench --quick
 
 # TransferQueue 0.1.11 in its own venv, only for the tutorials and tests its wheel ships (and the
 # reference run: `$(BIN)/python -m compat.run --against transferqueue`). torch first, as above.

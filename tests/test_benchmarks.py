@@ -1,7 +1,8 @@
-"""The benchmark suite's quick mode runs end to end and writes complete, positive results.
+"""The benchmark suite (``tq_loader.bench``): its quick run works end to end, its parts are right.
 
-No timing is asserted (the machine is shared); only that every group ran, checked its own data,
-and reported finite positive numbers under the keys the report and plot read.
+No speed is asserted (the machine is shared): the quick run must exit 0 from any directory and
+write the Markdown table, the JSON and the plots, with finite figures for every case and system
+that ran; the workloads must be deterministic and the target arithmetic right.
 """
 
 from __future__ import annotations
@@ -13,55 +14,126 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tq_loader.bench import registry
+from tq_loader.bench.results import KIND_BASELINE, KIND_PEER, KIND_TQ, make_row
+from tq_loader.bench.systems import EMBEDDED, SERVE
+from tq_loader.bench.targets import evaluate
+from tq_loader.bench.transferqueue import TQ_SYSTEM
+from tq_loader.bench.workloads import Workload, build, fingerprint, payload_bytes, same_data
 
-
-def _positive(value: object, where: str) -> None:
-    assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, f"{where} = {value!r}"
+TQ_LOADER_SYSTEMS = {EMBEDDED, "tq_loader embedded over ZMQ", SERVE, "tq_loader serve, shm off"}
 
 
 @pytest.mark.slow
-def test_quick_run_writes_json_and_plot(tmp_path: Path) -> None:
+def test_quick_run_from_another_directory_writes_table_json_and_plots(tmp_path: Path) -> None:
+    out = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
+        [sys.executable, "-m", "tq_loader.bench", "--quick", "--out", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads((tmp_path / "bench-quick.json").read_text())
-    assert (tmp_path / "bench-quick.png").stat().st_size > 0
-    assert set(results) == {"meta", "transfer", "per_sample", "latency", "loader"}
-    assert results["meta"]["quick"] is True
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    for name in ("bench-quick.md", "bench-quick.json", "bench-quick.png", "bench-quick-simple.png"):
+        assert (out / name).stat().st_size > 0, name
+    result = json.loads((out / "bench-quick.json").read_text())
+    rows = result["rows"]
+    assert result["meta"]["quick"] is True
+    assert {r["case"] for r in rows} == {"simple", "complex", "small", "fields", "get_meta", "loader", "memory",
+                                          "handover"}  # fmt: skip
+    for r in rows:
+        where = f"{r['case']}/{r['system']}/{r['metric']}"
+        assert all(math.isfinite(v) and v > 0 for v in (r["median"], r["min"], r["max"])), where
+        assert r["min"] <= r["median"] <= r["max"], where
+    for case in ("simple", "complex", "small"):
+        systems = {r["system"] for r in rows if r["case"] == case}
+        assert systems >= TQ_LOADER_SYSTEMS, (case, systems)
+        kv = [r for r in rows if r["case"] == case and r["kind"] == KIND_TQ]
+        assert all(r["n"] == result["plan"]["reps"] * result["plan"]["rounds"] for r in kv)
+    baselines = {
+        "raw pyzmq PUSH/PULL, 2 processes",
+        "torch copy into touched memory",
+        "torch clone into fresh memory",
+    }
+    assert baselines <= {r["system"] for r in rows if r["case"] == "simple" and r["kind"] == KIND_BASELINE}
+    # TransferQueue: measured when its venv is there (quick never installs it), else skipped with a reason
+    peer = [r for r in rows if r["kind"] == KIND_PEER]
+    skipped = [s for s in result["skips"] if s["system"] == TQ_SYSTEM]
+    assert bool(peer) != bool(skipped) and all(s["reason"] for s in skipped)
+    fingerprints = result["info"]["fingerprints"]
+    for case in ("simple", "complex"):
+        assert len(set(fingerprints[case].values())) == 1, fingerprints[case]  # every system, the same bytes
+    measured = [t for t in result["targets"] if t["met"] is not None]
+    assert measured and all(math.isfinite(t["value"]) for t in measured)
+    table = (out / "bench-quick.md").read_text()
+    assert "## Targets of issue 8" in table and "| tq_loader embedded |" in table
 
-    assert set(results["transfer"]) == {"dense_2u", "jagged_2u"}
-    for name, r in results["transfer"].items():
-        _positive(r["bytes"], f"{name}.bytes")
-        _positive(r["get_meta_ms"], f"{name}.get_meta_ms")
-        for op in ("put", "get"):
-            for key in ("tq_gibs", "floor_gibs", "pickle_gibs", "tq_over_floor", "tq_over_pickle",
-                        "best_tq_over_floor", "best_tq_over_pickle"):  # fmt: skip
-                _positive(r[op][key], f"{name}.{op}.{key}")
 
-    per_sample = results["per_sample"]
-    for key in (
-        "columnar_s",
-        "per_sample_s",
-        "columnar_rows_per_s",
-        "per_sample_rows_per_s",
-        "columnar_speedup",
-    ):
-        _positive(per_sample[key], f"per_sample.{key}")
+def test_workloads_are_deterministic_and_shaped_like_the_issue() -> None:
+    w = Workload("complex", rows=16, regular=3, jagged=3, strings=3, width=64, string_chars=128)
+    a, b = build(w), build(w)
+    assert fingerprint(a) == fingerprint(b) and same_data(a, b)
+    assert fingerprint(build(Workload("complex", rows=16, regular=3, jagged=3, strings=3, width=64,
+                                      string_chars=128, seed=1))) != fingerprint(a)  # fmt: skip
+    lengths = a.get("jagged_0").offsets().diff()
+    assert int(lengths.min()) == 1 and int(lengths.max()) == 64
+    assert len(a.get("text_0").tolist()[0]) == 128
+    # 3 x 16 x 64 float32 + 3 x (sum of lengths) float32 + 3 x 16 x 128 characters
+    assert payload_bytes(a) == 3 * 16 * 64 * 4 + 3 * int(lengths.sum()) * 4 + 3 * 16 * 128
+    changed = a.clone()
+    changed.get("regular_1")[3, 5] += 1
+    assert not same_data(a, changed)
 
-    latency = results["latency"]
-    for key in ("blocking_ms", "poll_10ms_measured_ms", "empty_poll_ms", "zmq_rtt_ms", "poll_1s_analytic_ms",
-                "poll_10ms_over_blocking", "poll_1s_analytic_over_blocking"):  # fmt: skip
-        _positive(latency[key], f"latency.{key}")
-    assert latency["poll_1s_analytic_ms"] >= 500.0  # by construction: half the 1 s interval plus a poll
 
-    loader = results["loader"]
-    assert set(loader["configs"]) == {"w0_step0ms", "w2_step0ms", "w0_step1ms", "w2_step1ms"}
-    for key, cfg in loader["configs"].items():
-        for metric in ("micro_batches_per_s", "rows_per_s", "seconds"):
-            _positive(cfg[metric], f"loader.{key}.{metric}")
-        assert 0.0 <= cfg["wait_fraction"] <= 1.0
-    _positive(loader["w2_over_w0"], "loader.w2_over_w0")
+def test_simple_full_size_is_the_perftest_shape() -> None:
+    from tq_loader.bench.plans import full
+
+    simple = full().workloads["simple"]
+    assert simple.rows * simple.regular * simple.width * 4 == 288 * 2**20
+    complex_ = full().workloads["complex"]
+    assert (complex_.regular, complex_.jagged, complex_.strings, complex_.string_chars) == (3, 3, 3, 32768)
+
+
+def _rows(tq_put: float, peer_put: float) -> list:
+    return [
+        make_row("simple", SERVE, "put", "GB/s", [tq_put]),
+        make_row("simple", TQ_SYSTEM, "put", "GB/s", [peer_put], kind=KIND_PEER),
+        make_row("get_meta", EMBEDDED, "p50", "us", [150.0, 80.0, 90.0]),
+    ]
+
+
+def test_targets_say_met_not_met_and_by_how_much() -> None:
+    outcomes = {o.what: o for o in evaluate(_rows(6.0, 1.0), {"simple", "get_meta"})}
+    cross = outcomes[f"simple put: {SERVE} / {TQ_SYSTEM}"]
+    assert cross.met is True and cross.value == pytest.approx(6.0) and cross.margin == pytest.approx(1.2)
+    meta = outcomes[f"get_meta p50, {EMBEDDED}"]
+    assert meta.met is True and meta.value == pytest.approx(90.0)  # the median of the repetitions
+    embedded_put = outcomes[f"simple put: {EMBEDDED} / {TQ_SYSTEM}"]
+    assert (
+        embedded_put.met is None and "not measured" in embedded_put.verdict()
+    )  # no embedded row: never "met"
+    slow = {o.what: o for o in evaluate(_rows(2.0, 1.0), {"simple"})}[f"simple put: {SERVE} / {TQ_SYSTEM}"]
+    assert slow.met is False and "needs 2.5x more" in slow.verdict()
+
+
+def test_registry_refuses_a_second_case_of_the_same_name() -> None:
+    registry.load()
+    with pytest.raises(ValueError, match="registered twice"):
+        registry.case("fields", "again")(lambda ctx: None)
+
+
+def test_unknown_case_is_refused_with_the_choices() -> None:
+    from tq_loader.bench import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--only", "nonsense"])
+    assert exc.value.code == 2
+
+
+def test_torch_baseline_tensors_are_the_columns_bytes() -> None:
+    from tq_loader.bench.workloads import column_bytes
+
+    td = build(Workload("simple", rows=4, regular=2, width=8))
+    cols = column_bytes(td)
+    assert [c.dtype for c in cols] == [torch.uint8, torch.uint8]
+    assert torch.equal(cols[0].view(torch.float32).view(4, 8), td.get("regular_0"))
