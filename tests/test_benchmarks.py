@@ -137,3 +137,11 @@ def test_torch_baseline_tensors_are_the_columns_bytes() -> None:
     cols = column_bytes(td)
     assert [c.dtype for c in cols] == [torch.uint8, torch.uint8]
     assert torch.equal(cols[0].view(torch.float32).view(4, 8), td.get("regular_0"))
+
+
+def test_a_missing_transferqueue_venv_is_a_reasoned_skip_in_quick_mode(tmp_path: Path) -> None:
+    from tq_loader.bench.transferqueue import ensure_venv
+
+    python, why = ensure_venv(tmp_path / "no-venv", install=False, log=tmp_path / "log", status=print)
+    assert python is None and "--quick does not install it" in why
+    assert not (tmp_path / "no-venv").exists()  # quick mode creates nothing

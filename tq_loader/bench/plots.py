@@ -17,6 +17,7 @@ from tq_loader.bench.transferqueue import TQ_SYSTEM
 __all__ = ["plot_all"]
 
 _COLORS = {KIND_TQ: "#1f77b4", KIND_PEER: "#d62728", KIND_BASELINE: "#7f7f7f"}
+_HATCHES = ("", "//", "..", "xx", "--", "\\\\")
 _ORDER = ("simple", "complex", "small", "fields", "get_meta", "loader", "memory", "handover")
 
 
@@ -33,9 +34,9 @@ def _bars(ax: Any, rows: list[Row], case: str, title: str) -> None:
             if row is None:
                 continue
             x = s_i + (m_i - (len(metrics) - 1) / 2) * width
-            hatch = ["", "//", "..", "xx", "--", "\\\\"][m_i % 6]
+            hatch = _HATCHES[m_i % 6]
             ax.bar(x, row.median, width, color=_COLORS.get(row.kind, "#2ca02c"), hatch=hatch, edgecolor="white",
-                   yerr=[[row.median - row.min], [row.max - row.median]], capsize=2, label=metric)  # fmt: skip
+                   yerr=[[row.median - row.min], [row.max - row.median]], capsize=2)  # fmt: skip
             ref = find(mine, case, metric, TQ_SYSTEM) or find(mine, case, metric, ZMQ)
             if row.kind == KIND_TQ and ref is not None and ref.median > 0:
                 tag = "TQ" if ref.system == TQ_SYSTEM else "zmq"
@@ -46,9 +47,10 @@ def _bars(ax: Any, rows: list[Row], case: str, title: str) -> None:
     units = {r.unit for r in mine}
     ax.set_ylabel(" / ".join(sorted(units)))
     ax.set_title(textwrap.fill(title, 80), fontsize=8)
-    handles, labels = ax.get_legend_handles_labels()
-    uniq = dict(zip(labels, handles))
-    ax.legend(uniq.values(), uniq.keys(), fontsize=6)
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(facecolor="#dddddd", edgecolor="#333333", hatch=_HATCHES[i % 6], label=m)
+                       for i, m in enumerate(metrics)], fontsize=6)  # fmt: skip
     values = [r.min for r in mine if r.min > 0]
     if values and max(r.max for r in mine) / min(values) > 30:
         ax.set_yscale("log")  # baselines an order of magnitude apart: keep every bar readable
@@ -82,7 +84,7 @@ def plot_all(rows: list[Row], out: Path, stem: str, titles: dict[str, str]) -> l
             ax.set_visible(False)
         fig.suptitle("tq_loader benchmarks: medians with min-max; blue tq_loader, red TransferQueue, grey baselines",
                      fontsize=10)  # fmt: skip
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 0.98))
         path = out / f"{stem}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)

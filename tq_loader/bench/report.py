@@ -117,7 +117,9 @@ def _simple_metric_table(rows: list[Row], case: str, title: str, ref_metric: str
     for row in rows:
         if row.case == case:
             t.rows.append([row.system, row.metric, fig(row), row.unit, ratio(row, ref) if ref_metric else ""])
-    t.notes = sorted({r.note for r in rows if r.case == case and r.note})
+    mine = [r for r in rows if r.case == case and r.note]
+    shared = len({r.note for r in mine}) == 1
+    t.notes = sorted({r.note if shared else f"{r.system}, {r.metric}: {r.note}" for r in mine})
     return t
 
 

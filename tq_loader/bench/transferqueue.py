@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ __all__ = ["TQ_SYSTEM", "default_venv", "ensure_venv", "run_driver"]
 TQ_VERSION = "0.1.11"
 TORCH_PIN = "torch==2.13.0"
 TQ_SYSTEM = f"TransferQueue {TQ_VERSION}"
+_WAIT_S = 900.0  # how long to wait for another process's install into the same venv
 _PROBE = "import transfer_queue, sys; sys.stdout.write(transfer_queue.__file__)"
 
 
@@ -42,12 +44,25 @@ def _works(python: Path) -> bool:
     return probe.returncode == 0
 
 
+def _being_written(venv: Path, window_s: float = 120.0) -> bool:
+    """Whether pip (of another process, e.g. ``make compat``) changed the venv in the last ``window_s``."""
+    dirs = [venv, *venv.glob("lib/python*/site-packages")]
+    return any(time.time() - d.stat().st_mtime < window_s for d in dirs if d.exists())
+
+
 def ensure_venv(venv: Path, *, install: bool, log: Path, status: Any) -> tuple[Path | None, str]:
     """The venv's python if TransferQueue imports there (installing it first when allowed), else
     ``None`` and why not."""
     python = venv / "bin" / "python"
     if _works(python):
         return python, f"using {venv}"
+    if python.is_file() and _being_written(venv):
+        status(f"{TQ_SYSTEM}: another process is installing into {venv}; waiting for it")
+        deadline = time.monotonic() + _WAIT_S
+        while time.monotonic() < deadline and _being_written(venv):
+            time.sleep(10)  # bounded wait on an observable condition: the venv stops changing
+        if _works(python):
+            return python, f"using {venv} (installed by another process meanwhile)"
     if not install:
         return (
             None,
