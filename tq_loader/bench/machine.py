@@ -31,7 +31,7 @@ def _git_commit() -> str:
     if not (root / ".git").exists():
         return ""
     done = subprocess.run(
-        ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True, text=True
     )
     return done.stdout.strip() if done.returncode == 0 else ""
 
