@@ -59,6 +59,8 @@ class StorageConfig:
     # runs per unit (moved as slices, not gathered row by row). = storage.striping.DEFAULT_STRIPE_ROWS
     stripe_rows: int = 64
     ports: list[int] = field(default_factory=list)  # fixed ports for units (empty: ephemeral)
+    # clients on the same host as a unit move bytes through shared memory (memfd) instead of TCP
+    shared_memory: bool = True
 
 
 @dataclass

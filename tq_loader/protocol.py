@@ -199,6 +199,39 @@ class ImportState(_Msg):
 
 
 # ---------------------------------------------------------------- storage unit requests
+class ShmSlice(msgspec.Struct, frozen=True, array_like=True):
+    """``nbytes`` at ``offset`` of segment ``segment`` of the request's arena (see :mod:`tq_loader.shm`)."""
+
+    segment: int
+    offset: int
+    nbytes: int
+
+
+class ArenaSegment(msgspec.Struct, frozen=True, array_like=True):
+    """How a unit opens one segment of a client's arena: ``/proc/<pid>/fd/<fd>`` on host ``boot_id``,
+    ``nbytes`` long, starting with ``token``."""
+
+    index: int
+    pid: int
+    fd: int
+    nbytes: int
+    token: bytes
+    boot_id: str
+
+
+class AttachSegment(_Msg):
+    """A same-host client offers a shared segment of its arena; the unit maps it or says why not."""
+
+    arena: str
+    segment: ArenaSegment
+
+
+class DetachArena(_Msg):
+    """The client closes its arena: the unit unmaps its segments."""
+
+    arena: str
+
+
 class PutRows(_Msg):
     """Store rows. ``positions`` (int64 bytes; empty: row i is row i): row ``i`` of this put is row
     ``positions[i]`` of the columns sent -- an in-process caller hands a unit the whole batch and
@@ -210,11 +243,14 @@ class PutRows(_Msg):
     schemas: dict[str, FieldSchema]
     timeout: float | None = None
     positions: bytes = b""
+    arena: str = ""  # with ``shm``: the buffers lie in this client arena instead of following as frames
+    shm: list[ShmSlice] = []
 
 
 class GetRows(_Msg):
-    """Read rows. ``into`` (in-process callers only): fields whose output tensors come as this
-    request's buffers (in that order, shapes per ``schemas``); the unit copies row ``i`` into row
+    """Read rows. ``into``: fields whose output tensors the caller provides -- as this request's
+    buffers (an in-process caller) or as slices of its shared arena (``arena`` + ``into_shm``, a
+    same-host caller), in that order, shapes per ``schemas``. The unit copies row ``i`` into row
     ``positions[i]`` of each and lists them in ``RowsReply.written`` -- one copy, no reply frames."""
 
     partition_id: str
@@ -223,6 +259,8 @@ class GetRows(_Msg):
     schemas: dict[str, FieldSchema] = {}
     positions: bytes = b""
     into: list[str] = []
+    arena: str = ""  # with ``into_shm``: the ``into`` outputs are these slices of the client's arena
+    into_shm: list[ShmSlice] = []
 
 
 class DropRows(_Msg):
@@ -302,7 +340,7 @@ Request = Union[
     Describe, CreatePartition, ListPartitions, GetMeta, PrepareWrite, NotifyProduced, SetTags,
     ClearSamples, ClearPartition, ResetConsumption, ProductionStatus, ConsumptionStatus, KVLookup,
     KVList, Seal, Abort, Stats, Cancel, ReportLost, ExportState, ImportState, PutRows, GetRows, DropRows, DropPartition,
-    ExportRows,
+    ExportRows, AttachSegment, DetachArena,
 ]  # fmt: skip
 Reply = Union[
     Ok, ClusterInfo, MetaReply, WriteReply, IdsReply, NamesReply, StatusReply, KVLookupReply,

@@ -114,6 +114,9 @@ _TEMPLATES = [  # one valid request of every type (partition "fuzz"), mutated fi
     p.GetRows(partition_id="fuzz", global_indexes=_FUZZ_IDS, fields=["x"]),
     p.DropRows(partition_id="fuzz", global_indexes=_FUZZ_IDS), p.DropPartition(partition_id="fuzz"),
     p.ExportRows(partition_id="fuzz"),
+    # a segment of another host (the boot id is never this one's): refused, nothing is mapped
+    p.AttachSegment(arena="fuzz", segment=p.ArenaSegment(0, 1, 0, 4096, b"t" * 16, "not-this-host")),
+    p.DetachArena(arena="fuzz"),
 ]  # fmt: skip
 assert {type(t).__name__ for t in _TEMPLATES} == set(REQUEST_TYPES)
 

@@ -21,6 +21,7 @@ from tq_loader import protocol as p
 from tq_loader.codec import decode_columns, encode_columns
 from tq_loader.errors import CapacityError, ProtocolError
 from tq_loader.schema import FieldSchema
+from tq_loader.shm import ArenaMap, SegmentInfo
 from tq_loader.storage.columns import torch_dtype
 from tq_loader.storage.export import encode_export
 from tq_loader.storage.unit import SimpleStorageUnit
@@ -45,7 +46,10 @@ class StorageUnitService:
             p.DropPartition: self._drop_partition,
             p.ExportRows: self._export,
             p.Stats: self._stats,
+            p.AttachSegment: self._attach,
+            p.DetachArena: self._detach,
         }
+        self.arenas = ArenaMap()
 
     async def handle(
         self, ctx: RequestContext, request: Any, buffers: list[memoryview]
@@ -68,7 +72,32 @@ class StorageUnitService:
             cond.notify_all()
 
     # ------------------------------------------------------------ requests
+    async def _attach(
+        self, ctx: RequestContext, req: p.AttachSegment, buffers: list[memoryview]
+    ) -> tuple[Any, list]:
+        self.arenas.prune()  # clients that died without detaching: their memory goes now
+        seg = req.segment
+        info = SegmentInfo(seg.index, seg.pid, seg.fd, seg.nbytes, seg.token, seg.boot_id)
+        self.arenas.attach(req.arena, info)
+        return p.Ok(), []
+
+    async def _detach(
+        self, ctx: RequestContext, req: p.DetachArena, buffers: list[memoryview]
+    ) -> tuple[Any, list]:
+        self.arenas.detach(req.arena)
+        return p.Ok(), []
+
+    def _shm_buffers(self, arena: str, slices: list[p.ShmSlice]) -> list[memoryview]:
+        self.arenas.prune(min_interval=1.0)
+        return [self.arenas.view(arena, s.segment, s.offset, s.nbytes) for s in slices]
+
     async def _put(self, ctx: RequestContext, req: p.PutRows, buffers: list[memoryview]) -> tuple[Any, list]:
+        if req.shm:
+            if buffers:
+                raise ProtocolError(
+                    "PutRows: buffers come either as frames or as shared-memory slices, not both"
+                )
+            buffers = self._shm_buffers(req.arena, req.shm)
         ids = p.ids_from_wire(req.global_indexes)
         columns = decode_columns(req.columns, buffers, copy=False)  # views; the unit copies them in
         pid, unit = req.partition_id, self.unit
@@ -107,8 +136,16 @@ class StorageUnitService:
 
     async def _get(self, ctx: RequestContext, req: p.GetRows, buffers: list[memoryview]) -> tuple[Any, list]:
         ids = p.ids_from_wire(req.global_indexes)
-        if req.into and not ctx.in_process:
-            raise ProtocolError("GetRows: 'into' buffers are for in-process callers; omit it over the network")
+        if req.into_shm:
+            if buffers:
+                raise ProtocolError(
+                    "GetRows: 'into' outputs come either as buffers or as shared-memory slices"
+                )
+            buffers = self._shm_buffers(req.arena, req.into_shm)
+        elif req.into and not ctx.in_process:
+            raise ProtocolError(
+                "GetRows: 'into' buffers are for in-process callers; use shared-memory slices"
+            )
         written = self._read_into(req, ids, buffers) if req.into else []
         rest = [name for name in req.fields if name not in written]
         # views of the unit's write-once nested chunks: the reply's frames are sent without a copy
@@ -160,6 +197,8 @@ class StorageUnitService:
     async def _stats(self, ctx: RequestContext, req: p.Stats, buffers: list[memoryview]) -> tuple[Any, list]:
         stats = self.unit.statistics()
         stats["service"] = {"puts_waiting": self._waiting, "capacity_errors": self._capacity_errors}
+        self.arenas.prune()
+        stats["shared_memory"] = self.arenas.statistics()
         return p.StatsReply(stats=stats), []
 
     def statistics(self) -> dict[str, Any]:

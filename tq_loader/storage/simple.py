@@ -30,6 +30,7 @@ from tq_loader.schema import FieldSchema
 from tq_loader.storage.base import BackendInfo, StorageLost, StorageManager, register_storage_manager
 from tq_loader.storage.columns import assemble, take_rows, target_kind, torch_dtype
 from tq_loader.storage.export import decode_export
+from tq_loader.storage.shm_path import MIN_SHM_BYTES, SharedMemoryPath
 from tq_loader.striping import DEFAULT_STRIPE_ROWS, check_stripe_rows, unit_of
 
 __all__ = ["SimpleStorageManager"]
@@ -74,6 +75,7 @@ class SimpleStorageManager(StorageManager):
         self.stripe_rows = check_stripe_rows(storage.get("stripe_rows", DEFAULT_STRIPE_ROWS))
         self._connect = info.connect
         self._lost: list[StorageLost] = []
+        self.shm = SharedMemoryPath(bool(storage.get("shared_memory", True)), self._request)
 
     # ------------------------------------------------------------ plumbing
     async def _request(
@@ -118,6 +120,19 @@ class SimpleStorageManager(StorageManager):
         return results
 
     # ------------------------------------------------------------ data
+    async def _modes(self, units: Sequence[int], nbytes: int) -> dict[int, str]:
+        """How each unit gets this request's bytes: ``local`` (in-process: by reference), ``shm``
+        (same host: through the shared arena) or ``wire`` (frames)."""
+        modes = {}
+        for unit in units:
+            if self._connect(self.addresses[unit]).in_process:
+                modes[unit] = "local"
+            elif nbytes >= MIN_SHM_BYTES and await self.shm.usable(unit):
+                modes[unit] = "shm"
+            else:
+                modes[unit] = "wire"
+        return modes
+
     async def put_data(self, batch: PreparedBatch, meta: BatchMeta) -> None:
         n = meta.size
         if batch.size != n:
@@ -128,60 +143,86 @@ class SimpleStorageManager(StorageManager):
         if n == 0 or not batch.columns:
             return
         groups = _groups(meta, len(self.addresses), self.stripe_rows)
-        whole: tuple[list[Any], list[memoryview]] | None = None
+        whole = encode_columns(batch.columns)  # views of the caller's columns (no copy)
+        modes = await self._modes([u for _, u, _ in groups], sum(b.nbytes for b in whole[1]))
+        staged: tuple[Any, list[p.ShmSlice]] | None = None  # the whole batch in the arena, once
+        if "shm" in modes.values():
+            region, slices = self.shm.stage(whole[1])
+            await self.shm.prepare([u for u, m in modes.items() if m == "shm"])  # the region's segment
+            staged = (region, slices)
         sends = []
         for pid, unit, pos in groups:
-            positions = b""
-            if len(groups) == 1:
-                specs, buffers = encode_columns(batch.columns)
-            elif self._connect(self.addresses[unit]).in_process:
-                # an in-process unit copies its rows straight out of the caller's whole columns
-                whole = whole or encode_columns(batch.columns)
-                (specs, buffers), positions = whole, p.ids_to_wire(pos)
-            else:
-                # sent while the caller's columns are alive: a unit's rows that form one contiguous
-                # run go as a view of them (copy=False), others are gathered
+            # local and shm units copy their rows out of the whole batch (positions); a wire unit
+            # is sent its own rows: views where they form one run, gathered otherwise
+            mode, single = modes[unit], len(groups) == 1
+            specs, buffers = whole
+            extra: dict[str, Any] = {} if single else {"positions": p.ids_to_wire(pos)}
+            if mode == "shm":
+                assert staged is not None
+                buffers, extra = [], {**extra, "arena": self.shm.arena_id, "shm": staged[1]}
+            elif mode == "wire" and not single:
                 part = {name: take_rows(value, pos, copy=False) for name, value in batch.columns.items()}
-                specs, buffers = encode_columns(part)
+                (specs, buffers), extra = encode_columns(part), {}
             body = p.PutRows(
                 partition_id=pid,
                 global_indexes=p.ids_to_wire(meta.global_index_array[pos]),
                 columns=specs,
                 schemas=batch.schemas,
                 timeout=self.put_timeout,
-                positions=positions,
+                **extra,
             )
             sends.append(self._request(unit, body, buffers))
         await self._gather(sends)
+        del staged  # the arena region is reused once every unit copied its rows out
+
+    def _outputs(
+        self, fields: list[str], known: dict[str, FieldSchema], n: int, modes: dict[int, str]
+    ) -> dict[str, tuple[torch.Tensor, p.ShmSlice | None]]:
+        """Dense result columns the units fill in place: in the arena (reused, already touched memory:
+        no page faults) when it is available -- which a ``shm`` unit needs -- else fresh memory."""
+        dense = [f for f in fields if _is_dense(known.get(f))]
+        if not dense or all(m == "wire" for m in modes.values()):
+            return {}
+        out = {}
+        for name in dense:
+            schema = known[name]
+            shape, dtype = (n, *schema.shape), torch_dtype(schema.dtype)
+            if self.shm.enabled:
+                out[name] = self.shm.output(shape, dtype)
+            else:
+                out[name] = (memory.empty(shape, dtype), None)
+        return out
 
     async def get_data(self, meta: BatchMeta, fields: Sequence[str] | None = None) -> TensorDict:
         known = meta.field_schema
         fields = list(known) if fields is None else list(fields)
         n = meta.size
         groups = _groups(meta, len(self.addresses), self.stripe_rows) if fields else []
-        # In-process units copy dense fields straight into the result (one copy, no reply frames).
-        into = {}
-        if groups and all(self._connect(self.addresses[u]).in_process for _, u, _ in groups):
-            into = {name: _output(known[name], n) for name in fields if _is_dense(known.get(name))}
-        into_bufs = [_byte_buffer(t) for t in into.values()]
-        into_schemas = {name: known[name] for name in into}
-        replies = await self._gather(
-            [
-                self._request(
-                    unit,
-                    p.GetRows(
-                        partition_id=pid,
-                        global_indexes=p.ids_to_wire(meta.global_index_array[pos]),
-                        fields=fields,
-                        schemas=into_schemas,
-                        positions=p.ids_to_wire(pos) if into else b"",
-                        into=list(into),
-                    ),
-                    into_bufs,
-                )
-                for pid, unit, pos in groups
-            ]
-        )
+        dense_bytes = sum(_row_bytes(known[f]) * n for f in fields if _is_dense(known.get(f)))
+        modes = await self._modes([u for _, u, _ in groups], dense_bytes) if groups else {}
+        outputs = self._outputs(fields, known, n, modes)  # units copy dense rows straight into these
+        if outputs and "shm" in modes.values():
+            await self.shm.prepare([u for u, m in modes.items() if m == "shm"])
+        into_schemas = {name: known[name] for name in outputs}
+        requests = []
+        for pid, unit, pos in groups:
+            mode, extra, buffers = modes[unit], {}, []
+            if outputs and mode == "local":
+                extra = {"into": list(outputs), "positions": p.ids_to_wire(pos)}
+                buffers = [_byte_buffer(t) for t, _ in outputs.values()]
+            elif outputs and mode == "shm":
+                slices = [s for _, s in outputs.values()]
+                extra = {"into": list(outputs), "positions": p.ids_to_wire(pos), "arena": self.shm.arena_id,
+                         "into_shm": slices}  # fmt: skip
+            body = p.GetRows(
+                partition_id=pid,
+                global_indexes=p.ids_to_wire(meta.global_index_array[pos]),
+                fields=fields,
+                schemas=into_schemas if extra else {},
+                **extra,
+            )
+            requests.append(self._request(unit, body, buffers))
+        replies = await self._gather(requests)
         decoded = [
             (pos, set(reply.written), decode_columns(reply.columns, frames, copy=False))
             for (_, _, pos), (reply, frames) in zip(groups, replies, strict=True)
@@ -191,13 +232,13 @@ class SimpleStorageManager(StorageManager):
         whole = len(groups) == 1 and self._connect(self.addresses[groups[0][1]]).private_replies
         columns: dict[str, Any] = {}
         for name in fields:
-            if name in into and all(name in written for _, written, _ in decoded):
-                columns[name] = into[name]
+            if name in outputs and all(name in written for _, written, _ in decoded):
+                columns[name] = outputs[name][0]
                 continue
             parts = []
             for pos, written, cols in decoded:
                 if name in written:  # a unit filled the dense result, another answered otherwise
-                    parts.append((pos, into[name].index_select(0, torch.from_numpy(pos))))
+                    parts.append((pos, outputs[name][0].index_select(0, torch.from_numpy(pos))))
                 elif name in cols:
                     parts.append((pos, cols[name]))
                 else:
@@ -248,6 +289,9 @@ class SimpleStorageManager(StorageManager):
         lost, self._lost = self._lost, []
         return lost
 
+    async def close(self) -> None:
+        await self.shm.close()
+
     async def statistics(self) -> dict[str, Any]:
         results = await asyncio.gather(
             *(self._request(u, p.Stats()) for u in range(len(self.addresses))), return_exceptions=True
@@ -273,8 +317,8 @@ def _is_dense(schema: FieldSchema | None) -> bool:
     return schema is not None and target_kind(schema)[0] == "dense"
 
 
-def _output(schema: FieldSchema, n: int) -> torch.Tensor:
-    return memory.empty((n, *schema.shape), torch_dtype(schema.dtype))
+def _row_bytes(schema: FieldSchema) -> int:
+    return int(np.prod(schema.shape, dtype=np.int64)) * torch_dtype(schema.dtype).itemsize
 
 
 def _byte_buffer(t: torch.Tensor) -> memoryview:
