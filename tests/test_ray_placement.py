@@ -86,3 +86,35 @@ def test_close_survives_a_dead_unit_and_frees_names(ray_instance, ray_cluster):
     assert ADDRESS_ENV not in os.environ
     for name in ("tq_loader_controller", "tq_loader_unit_0", "tq_loader_unit_1"):
         assert not _actor_exists(ray, name)
+
+
+def _worker_kv(key: str) -> str:
+    """Runs in a Ray worker, whose environment has no TQ_LOADER_ADDRESS: ``tq.init()`` must find the
+    driver's (embedded) cluster, never make a private one."""
+    import os
+
+    import tq_loader as tq
+
+    os.environ.pop("TQ_LOADER_ADDRESS", None)
+    tq.init()
+    tq.kv_put(key, "from_workers", {"x": torch.tensor([1.0, 2.0])}, {"worker": True})
+    address = tq.get_client().controller_address
+    tq.close()
+    return address
+
+
+def test_ray_worker_init_finds_the_drivers_embedded_cluster(ray_instance):
+    ray = ray_instance
+    handle = start_cluster("local")
+    try:
+        assert _actor_exists(ray, "tq_loader_registry")  # announced to the job because Ray is up
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        remote = ray.remote(num_cpus=0)(_worker_kv)
+        addresses = ray.get([remote.remote(f"k{i}") for i in range(3)], timeout=120)
+        assert set(addresses) == {handle.client.controller_address}
+        import tq_loader as tq
+
+        assert sorted(tq.kv_list("from_workers")["from_workers"]) == ["k0", "k1", "k2"]
+    finally:
+        stop_cluster()
+    assert not _actor_exists(ray, "tq_loader_registry")  # close() withdrew the announcement

@@ -4,7 +4,9 @@
 
 1. already initialised in this process -> no-op, returns the current config;
 2. ``TQ_LOADER_ADDRESS`` names a running cluster's controller -> attach to it;
-3. Ray is initialised and the named controller actor exists -> attach to it;
+3. Ray is initialised and this Ray job has a cluster -> attach to it (a Ray placement's named
+   controller actor, or an embedded cluster its owner announced with a named registry actor:
+   Ray workers do not inherit the driver's environment);
 4. ``placement: ray`` -> create the cluster as Ray actors;
 5. otherwise start the embedded default (services on threads of this process).
 
@@ -17,13 +19,15 @@ variables are the only environment the library reads.
 from __future__ import annotations
 
 import os
+import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tq_loader.client import Client
 from tq_loader.cluster import Cluster, start_cluster
 from tq_loader.config import TQConfig, resolve_config
+from tq_loader.errors import ArgumentError
 
 __all__ = [
     "ENV_ADDRESS", "ENV_TOKEN", "close", "connect", "get_client", "get_config", "init", "is_initialized",
@@ -41,6 +45,7 @@ class _Runtime:
     address: str
     cluster: Cluster | None  # set only in the process that owns the services
     pid: int
+    published: list[Any] = field(default_factory=list)  # Ray registry actors announcing the cluster
 
 
 _runtime: _Runtime | None = None
@@ -62,27 +67,108 @@ def init(conf: Any = None) -> TQConfig:
         address = os.environ.get(ENV_ADDRESS)
         if address:
             return _attach(address, os.environ.get(ENV_TOKEN))
+        conf, sampler = _take_sampler_object(conf)
         config = resolve_config(conf)
         found = _find_ray_cluster(config)
         if found:
-            return _attach(found, config.auth_token)
+            return _attach(found[0], found[1] or config.auth_token)
+        if sampler is not None and config.placement != "local":
+            raise _remote_sampler_error(sampler, config)
         cluster = start_cluster(config)
         client = Client(cluster.address, config=config.client, auth_token=config.auth_token)
-        _runtime = _Runtime(config, client, cluster.address, cluster, os.getpid())
+        try:
+            if sampler is not None:
+                _install_sampler(cluster, config, sampler)
+            published = _publish_in_ray(config, cluster.address)
+        except BaseException:
+            client.close()
+            cluster.stop()
+            raise
+        _runtime = _Runtime(config, client, cluster.address, cluster, os.getpid(), published)
         os.environ[ENV_ADDRESS] = cluster.address
         if config.auth_token:
             os.environ[ENV_TOKEN] = config.auth_token
         return config
 
 
-def _find_ray_cluster(config: TQConfig) -> str | None:
-    import sys
+def _take_sampler_object(conf: Any) -> tuple[Any, Any]:
+    """A sampler instance or class in ``controller.sampler`` (as TransferQueue accepts), replaced by a
+    name in the config; the object itself goes to the controller if it runs in this process."""
+    from omegaconf import DictConfig, OmegaConf
 
+    from tq_loader.samplers import BaseSampler, available_samplers
+
+    if isinstance(conf, DictConfig):
+        controller = conf.get("controller")
+        sampler = None if controller is None else controller.get("sampler")
+        if isinstance(sampler, str) or sampler is None:
+            return conf, None
+        conf = OmegaConf.to_container(conf)
+    if not isinstance(conf, dict):
+        return conf, None
+    sampler = (conf.get("controller") or {}).get("sampler")
+    is_object = isinstance(sampler, BaseSampler) or (
+        isinstance(sampler, type) and issubclass(sampler, BaseSampler)
+    )
+    if not is_object:
+        return conf, None
+    cls = sampler if isinstance(sampler, type) else type(sampler)
+    registered = [n for n in available_samplers() if _registered_class(n) is cls]
+    name = (
+        registered[0] if registered and isinstance(sampler, type) else f"{cls.__qualname__}@{id(sampler):x}"
+    )
+    conf = {**conf, "controller": {**conf["controller"], "sampler": name}}
+    return conf, (None if registered and isinstance(sampler, type) else sampler)
+
+
+def _registered_class(name: str) -> Any:
+    from tq_loader.samplers import get_sampler_class
+
+    return get_sampler_class(name)
+
+
+def _remote_sampler_error(sampler: Any, config: TQConfig) -> ArgumentError:
+    return ArgumentError(
+        f"controller.sampler is a {getattr(sampler, '__name__', type(sampler).__name__)} object, but with "
+        f"placement {config.placement!r} the controller runs in another process and nothing executable "
+        "crosses the wire. Register the class by name in a module every process imports -- "
+        "tq_loader.register_sampler('my_sampler', MySampler) -- and pass controller.sampler='my_sampler' "
+        "(arguments in controller.sampler_kwargs)"
+    )
+
+
+def _install_sampler(cluster: Cluster, config: TQConfig, sampler: Any) -> None:
+    """Hand a sampler object to the controller this process hosts (the embedded placement)."""
+    controller = cluster.controller  # type: ignore[attr-defined]
+    instance = sampler() if isinstance(sampler, type) else sampler
+    controller.call(lambda: controller.service.add_sampler(config.controller.sampler, instance))
+
+
+def _ray_up() -> bool:
     if "ray" not in sys.modules:  # Ray cannot be initialised if it was never imported
-        return None
-    from tq_loader.ray_cluster import find_controller_address
+        return False
+    import ray
 
-    return find_controller_address(config)
+    return ray.is_initialized()
+
+
+def _find_ray_cluster(config: TQConfig) -> tuple[str, str | None] | None:
+    if not _ray_up():
+        return None
+    from tq_loader.ray_cluster import find_cluster
+
+    return find_cluster(config)
+
+
+def _publish_in_ray(config: TQConfig, address: str) -> list[Any]:
+    """With Ray up, let every Ray worker of the job find this cluster (they do not inherit the
+    environment that carries ``TQ_LOADER_ADDRESS``)."""
+    if not _ray_up():
+        return []
+    from tq_loader.ray_cluster import publish_cluster
+
+    aliased = type(sys.modules.get("transfer_queue")).__module__ == "_tq_loader_alias"  # tq_loader.compat
+    return publish_cluster(config, address, compat_name=aliased)
 
 
 def _attach(address: str, auth_token: str | None) -> TQConfig:
@@ -129,7 +215,16 @@ def close() -> None:
                 if os.environ.get(ENV_ADDRESS) == current.address:
                     os.environ.pop(ENV_ADDRESS, None)
                     os.environ.pop(ENV_TOKEN, None)
+                _unpublish(current.published)
                 current.cluster.stop()
+
+
+def _unpublish(actors: list[Any]) -> None:
+    if actors and _ray_up():
+        import ray
+
+        for actor in actors:
+            ray.kill(actor)
 
 
 def is_initialized() -> bool:

@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from tq_loader.codec_objects import numpy_enc_hook
 from tq_loader.errors import ArgumentError
 
 __all__ = ["choice", "count", "name", "names", "optional_name", "plain_mapping", "timeout"]
@@ -81,11 +82,13 @@ def _plain(arg: str, value: Any, depth: int) -> Any:
     if depth > _MAX_DEPTH:
         raise ArgumentError(f"{arg} is nested more than {_MAX_DEPTH} levels deep")
     if isinstance(value, np.ndarray):
-        if value.dtype.kind not in "biufUS":
+        if value.dtype.kind in "US":  # strings travel as lists
+            return value.tolist()
+        if value.dtype.kind not in "biuf" or not value.dtype.isnative:
             raise ArgumentError(
                 f"{arg}: numpy arrays of dtype {value.dtype} cannot be sent; use numbers or str"
             )
-        return value.tolist()
+        return np.ascontiguousarray(value)  # arrives as an array (a validated msgpack extension)
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, Mapping):
@@ -112,7 +115,7 @@ def plain_mapping(arg: str, value: Any) -> dict[str, Any]:
         raise ArgumentError(f"{arg} must be a dict, got {_type(value)}")
     out = _plain(arg, value, 0)
     try:
-        msgspec.msgpack.encode(out)
+        msgspec.msgpack.encode(out, enc_hook=numpy_enc_hook)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ArgumentError(f"{arg} cannot be sent: {exc}") from None
     return out

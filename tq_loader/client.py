@@ -449,6 +449,23 @@ class AsyncClient:
             created = np.zeros(meta.size, dtype=bool)
         return meta, created
 
+    async def async_kv_retrieve_keys(
+        self, global_indexes: Sequence[int] | int, partition_id: str
+    ) -> list[str]:
+        """The keys of rows ``global_indexes``, in that order; ``NotFoundError`` for rows without one."""
+        ids = [global_indexes] if isinstance(global_indexes, (int, np.integer)) else global_indexes
+        if not isinstance(ids, (Sequence, np.ndarray)) or isinstance(ids, (str, bytes)):
+            raise ArgumentError(f"global_indexes must be an int or a list of int, got {type(ids).__name__}")
+        checked = [args.count(f"global_indexes[{i}]", v) for i, v in enumerate(ids)]
+        if not checked:
+            return []
+        reply: p.NamesReply = await self._call(
+            p.KVKeys(
+                partition_id=args.name("partition_id", partition_id), global_indexes=p.ids_to_wire(checked)
+            )
+        )
+        return list(reply.names)
+
     async def async_kv_list(self, partition_id: str | None = None) -> dict[str, dict[str, Any]]:
         reply: p.KVListReply = await self._call(
             p.KVList(partition_id=args.optional_name("partition_id", partition_id))
@@ -624,6 +641,7 @@ class Client:
     abort, async_abort = _sync(AsyncClient.async_abort)
     kv_retrieve_meta, async_kv_retrieve_meta = _sync(AsyncClient.async_kv_retrieve_meta)
     kv_lookup, async_kv_lookup = _sync(AsyncClient.async_kv_lookup)
+    kv_retrieve_keys, async_kv_retrieve_keys = _sync(AsyncClient.async_kv_retrieve_keys)
     kv_list, async_kv_list = _sync(AsyncClient.async_kv_list)
     statistics, async_statistics = _sync(AsyncClient.async_statistics)
     describe, async_describe = _sync(AsyncClient.async_describe)

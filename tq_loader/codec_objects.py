@@ -133,6 +133,11 @@ def _ext_hook(code: int, data: memoryview) -> Any:
 
 _DECODER = msgspec.msgpack.Decoder(list, ext_hook=_ext_hook)
 
+# The same numpy extension for the free-form fields of control messages (a sampling config may
+# carry arrays, as a TransferQueue sampler expects): validated, never pickled.
+numpy_enc_hook = _enc_hook
+numpy_ext_hook = _ext_hook
+
 
 def decode_objects(buf: memoryview | bytes, nrows: int, field: str) -> list[Any]:
     """Decode the blob of a non-tensor column; it must hold exactly ``nrows`` rows."""

@@ -25,6 +25,7 @@ import msgspec
 import numpy as np
 
 from tq_loader.codec import ColumnSpec
+from tq_loader.codec_objects import numpy_enc_hook, numpy_ext_hook
 from tq_loader.errors import ProtocolError
 from tq_loader.schema import FieldSchema
 
@@ -154,6 +155,13 @@ class KVLookup(_Msg):
     keys: list[str]
     create: bool = False
     missing_ok: bool = False  # drop unknown keys (and an unknown partition) instead of NotFoundError
+
+
+class KVKeys(_Msg):
+    """The keys of rows ``global_indexes`` (TransferQueue's ``kv_retrieve_keys``)."""
+
+    partition_id: str
+    global_indexes: bytes
 
 
 class KVList(_Msg):
@@ -340,7 +348,7 @@ Request = Union[
     Describe, CreatePartition, ListPartitions, GetMeta, PrepareWrite, NotifyProduced, SetTags,
     ClearSamples, ClearPartition, ResetConsumption, ProductionStatus, ConsumptionStatus, KVLookup,
     KVList, Seal, Abort, Stats, Cancel, ReportLost, ExportState, ImportState, PutRows, GetRows, DropRows, DropPartition,
-    ExportRows, AttachSegment, DetachArena,
+    ExportRows, AttachSegment, DetachArena, KVKeys,
 ]  # fmt: skip
 Reply = Union[
     Ok, ClusterInfo, MetaReply, WriteReply, IdsReply, NamesReply, StatusReply, KVLookupReply,
@@ -386,11 +394,12 @@ _FREE_FORM: dict[type, tuple[tuple[str, int], ...]] = {
     ImportState: (("state", MAX_PAYLOAD_DEPTH + 4),),
 }
 
-_encoder = msgspec.msgpack.Encoder()
-_request_decoder = msgspec.msgpack.Decoder(RequestEnvelope)
-_head_decoder = msgspec.msgpack.Decoder(RequestHead)
-_body_decoder: msgspec.msgpack.Decoder[Request] = msgspec.msgpack.Decoder(Request)  # type: ignore[arg-type]
-_reply_decoder = msgspec.msgpack.Decoder(ReplyEnvelope)
+# numpy values in free-form fields travel as a validated msgpack extension (never pickle)
+_encoder = msgspec.msgpack.Encoder(enc_hook=numpy_enc_hook)
+_request_decoder = msgspec.msgpack.Decoder(RequestEnvelope, ext_hook=numpy_ext_hook)
+_head_decoder = msgspec.msgpack.Decoder(RequestHead, ext_hook=numpy_ext_hook)
+_body_decoder: msgspec.msgpack.Decoder[Request] = msgspec.msgpack.Decoder(Request, ext_hook=numpy_ext_hook)  # type: ignore[arg-type]
+_reply_decoder = msgspec.msgpack.Decoder(ReplyEnvelope, ext_hook=numpy_ext_hook)
 _TOO_DEEP = "it nests deeper than the decoder allows (about 1000 levels)"
 
 

@@ -16,8 +16,9 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from tq_loader.config import TQConfig, resolve_config
+from tq_loader.errors import TQConnectionError
 
-__all__ = ["RayCluster", "find_controller_address"]
+__all__ = ["ClusterRegistry", "RayCluster", "find_cluster", "find_controller_address", "publish_cluster"]
 
 _MIN_CPU = 0.001  # Ray bundles must ask for something; this is "no real CPU"
 _STOP_TIMEOUT = 10.0  # seconds to wait for services to stop cleanly before their actors are killed
@@ -51,15 +52,89 @@ def _controller_name(config: TQConfig) -> str:
     return f"{config.ray.name}_controller"
 
 
-def find_controller_address(config: TQConfig) -> str | None:
-    """Address of a running cluster's controller actor, if Ray is up and the named actor exists."""
+def _registry_name(config: TQConfig) -> str:
+    return f"{config.ray.name}_registry"
+
+
+# TransferQueue's tutorials look its controller actor up by this name to read the cluster's config
+# (``ray.get_actor("TransferQueueController", namespace="transfer_queue").get_config``); the
+# registry answers to it too when the compat alias is in use (see tq_loader.compat).
+TQ_ACTOR_NAME, TQ_NAMESPACE = "TransferQueueController", "transfer_queue"
+
+
+@ray.remote(num_cpus=0)
+class ClusterRegistry:
+    """Where a cluster of this Ray job is: Ray workers do not inherit the driver's environment
+    (``TQ_LOADER_ADDRESS``), so ``tq.init()`` in a task or actor asks this named actor instead."""
+
+    def __init__(self, entry: dict[str, Any]) -> None:
+        self.entry = entry
+
+    def lookup(self) -> dict[str, Any]:
+        return self.entry
+
+    def get_config(self) -> dict[str, Any]:
+        """The cluster's config (TransferQueue's controller method of the same name)."""
+        return self.entry["config"]
+
+
+def _this_host() -> str:
+    from tq_loader.shm import boot_id
+
+    return boot_id() or ray.util.get_node_ip_address()
+
+
+def publish_cluster(config: TQConfig, address: str, *, compat_name: bool = False) -> list[Any]:
+    """Announce a cluster created in this process to every Ray worker of the job; the actors to
+    kill on close. ``compat_name`` also registers TransferQueue's controller name."""
+    entry = {"address": address, "placement": config.placement, "host": _this_host(),
+             "node_id": ray.get_runtime_context().get_node_id(), "auth_token": config.auth_token,
+             "config": config.to_dict()}  # fmt: skip
+    names = [(_registry_name(config), config.ray.namespace)]
+    if compat_name:
+        names.append((TQ_ACTOR_NAME, TQ_NAMESPACE))
+    actors = []
+    for name, namespace in names:
+        try:
+            actors.append(ClusterRegistry.options(name=name, namespace=namespace, lifetime=None).remote(entry))
+        except ValueError:  # another process of the job published first: its cluster is the one
+            continue
+    return actors
+
+
+def find_cluster(config: TQConfig) -> tuple[str, str | None] | None:
+    """``(controller address, auth token)`` of this Ray job's cluster, if Ray is up and one exists.
+
+    A cluster whose services are embedded in a process of another node cannot be reached from
+    here (they listen on that node's loopback): that is a ``TQConnectionError`` saying to use the
+    Ray placement, never a silent private cluster.
+    """
     if not ray.is_initialized():
         return None
     try:
         actor = ray.get_actor(_controller_name(config), namespace=config.ray.namespace)
     except ValueError:
+        pass
+    else:
+        return ray.get(actor.address.remote()), config.auth_token
+    try:
+        registry = ray.get_actor(_registry_name(config), namespace=config.ray.namespace)
+    except ValueError:
         return None
-    return ray.get(actor.address.remote())
+    entry = ray.get(registry.lookup.remote())
+    if entry["placement"] != "ray" and entry["host"] != _this_host():
+        raise TQConnectionError(
+            f"the cluster of this Ray job runs embedded in a process on another node ({entry['address']} is "
+            "that node's loopback); start it with placement: ray (tq.init({'placement': 'ray'})) so its "
+            "services are Ray actors every node can reach"
+        )
+    return entry["address"], entry.get("auth_token")
+
+
+def find_controller_address(config: TQConfig) -> str | None:
+    """Address of a running cluster's controller (a Ray actor, or published by its owner)."""
+    found = find_cluster(config)
+    return None if found is None else found[0]
 
 
 class RayCluster:

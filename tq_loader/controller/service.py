@@ -81,6 +81,7 @@ class ControllerService:
             p.ConsumptionStatus: self._consumption_status,
             p.KVLookup: self._kv_lookup,
             p.KVList: self._kv_list,
+            p.KVKeys: self._kv_keys,
             p.Seal: self._seal,
             p.Abort: self._abort,
             p.Stats: self._stats,
@@ -213,6 +214,16 @@ class ControllerService:
         meta = self._meta(part, ids, common)
         meta.set_extra_info("keys", part.keys_of(ids))
         return p.KVLookupReply(meta=meta.to_wire(), created=np.asarray(created, bool).tobytes())
+
+    def _kv_keys(self, ctx: RequestContext, req: p.KVKeys) -> p.NamesReply:
+        ids = p.ids_from_wire(req.global_indexes)
+        keys = self.state.get(req.partition_id).keys_of(ids)
+        missing = [int(i) for i, k in zip(ids.tolist(), keys) if k is None]
+        if missing:
+            raise NotFoundError(
+                f"partition {req.partition_id!r}: rows {missing[:5]} have no key (they were put without one)"
+            )
+        return p.NamesReply(names=[k for k in keys if k is not None])
 
     def _kv_list(self, ctx: RequestContext, req: p.KVList) -> p.KVListReply:
         pids = self.state.list() if req.partition_id is None else [req.partition_id]
@@ -371,6 +382,10 @@ class ControllerService:
             f"{head}; the partition is sealed, so the stream ends once they are written{abandoned}. "
             "Pass a longer timeout, or allow_partial=True to take a smaller last batch"
         )
+
+    def add_sampler(self, name: str, sampler: BaseSampler) -> None:
+        """Serve requests naming ``name`` with this very instance (an in-process owner's sampler)."""
+        self._samplers[name] = sampler
 
     def _sampler(self, name: str | None) -> BaseSampler:
         name = name or self.config.sampler
