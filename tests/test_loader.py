@@ -468,7 +468,9 @@ def test_custom_fetch_and_process_fns_passed_positionally(client: Any, pid: str)
         parts = chunk_batch_fn(td, batch_meta, micro_batch_size=micro_batch_size)
         return [(t.set("double", t["x"] * 2), m) for t, m in reversed(list(parts))]
 
-    ds = tq.StreamingDataset(None, 8, 4, ["x"], pid, "t", 0, False, fetch_batch_fn, process_batch_fn)
+    ds = tq.StreamingDataset(
+        None, 8, 4, ["x"], pid, "t", 0, False, fetch_batch_fn, process_batch_fn, dp_size=1
+    )
     out = list(tq.StreamingDataLoader(ds, num_workers=2))
     assert [ids(td) for td, _ in out] == [[4, 5, 6, 7], [0, 1, 2, 3], [12, 13, 14, 15], [8, 9, 10, 11]]
     assert all(torch.equal(td["double"], td["x"] * 2) for td, _ in out)

@@ -6,10 +6,11 @@ Both functions keep TransferQueue's keyword names, so a user's ``fetch_batch_fn`
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tensordict import TensorDict
+import torch
+from tensordict import TensorDict, TensorDictBase
 
 from tq_loader.metadata import BatchMeta
 
@@ -65,14 +66,36 @@ def meta_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def chunk_batch_fn(
-    td: TensorDict, batch_meta: BatchMeta, micro_batch_size: int = 1, **_: Any
-) -> Iterator[tuple[TensorDict, BatchMeta]]:
-    """Consecutive micro-batches of ``micro_batch_size`` rows (the last may be shorter).
+    td: TensorDictBase, batch_meta: BatchMeta, micro_batch_size: int = 1, **_: Any
+) -> list[tuple[TensorDictBase, BatchMeta]]:
+    """Consecutive micro-batches of ``micro_batch_size`` rows (the last may be shorter), as a list.
 
     Data and metadata are cut at the same row boundaries (TransferQueue cuts them differently
-    when the batch is not a multiple of the micro-batch size).
+    when the batch is not a multiple of the micro-batch size). Strided nested tensors -- columns
+    ragged in more than one dim, which ``torch.nested`` cannot slice -- are unbound once and
+    re-nested per micro-batch; jagged and dense columns are sliced directly (views).
+    A ``micro_batch_size`` larger than the batch gives one micro-batch (TransferQueue raises).
     """
-    n = batch_meta.size
+    if not isinstance(td, TensorDictBase):
+        raise TypeError(f"chunk_batch_fn expects a TensorDict, got {type(td).__name__}")
+    if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be a positive int, got {micro_batch_size!r}")
+    if len(td.batch_size) == 0:
+        raise ValueError("chunk_batch_fn needs a TensorDict with a batch dimension (batch_size=[n])")
+    n = int(td.batch_size[0])
+    if batch_meta.size != n:
+        raise ValueError(f"the TensorDict has {n} rows but its BatchMeta {batch_meta.size}")
+    strided = {
+        key: value.unbind(0)
+        for key, value in td.items(include_nested=True, leaves_only=True)
+        if isinstance(value, torch.Tensor) and value.is_nested and value.layout == torch.strided
+    }
+    sliceable = td.exclude(*strided) if strided else td
+    parts: list[tuple[TensorDictBase, BatchMeta]] = []
     for start in range(0, n, micro_batch_size):
         stop = min(start + micro_batch_size, n)
-        yield td[start:stop], batch_meta[start:stop]
+        part = sliceable[start:stop]
+        for key, rows in strided.items():
+            part.set(key, torch.nested.as_nested_tensor(list(rows[start:stop]), layout=torch.strided))
+        parts.append((part, batch_meta[start:stop]))
+    return parts
