@@ -9,11 +9,12 @@ import warnings
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
+import msgspec
 import numpy as np
 import torch
 
 from tq_loader.errors import NotFoundError, ProtocolError, SchemaError
-from tq_loader.schema import normalize_schema
+from tq_loader.schema import FieldSchema, normalize_schema
 
 _WIRE_VERSION = 1
 _PLAIN = (type(None), bool, int, float, str, bytes)
@@ -367,6 +368,60 @@ def union_backend(a: list | None, b: list | None, n: int) -> list | None:
 
 
 # ---------------------------------------------------------------- BatchMeta wire form
+
+
+class BatchMetaWire(msgspec.Struct, frozen=True, array_like=True):
+    """A BatchMeta as it travels inside protocol messages: typed, so msgspec checks every field
+    while decoding and builds the field schemas itself (no per-field Python normalisation)."""
+
+    global_indexes: bytes  # little-endian int64
+    partition_names: list[str]
+    partition_codes: bytes | None  # int32 index into partition_names per row; None: all the first name
+    production_status: bytes  # int8 per row
+    field_schema: dict[str, FieldSchema]
+    custom_meta: list[dict[str, Any] | None] | None  # None: every row empty
+    custom_backend_meta: list[dict[str, Any]] | None
+    extra_info: dict[str, Any]
+    end_of_stream: bool
+    version: int = _WIRE_VERSION
+
+
+def batch_to_struct(meta: Any) -> BatchMetaWire:
+    """The typed wire form of a BatchMeta (what ``MetaReply`` and ``KVLookupReply`` carry)."""
+    d = batch_to_wire(meta)
+    pids = d["partition_ids"]
+    return BatchMetaWire(
+        global_indexes=d["global_indexes"][1],
+        partition_names=pids["names"],
+        partition_codes=None if pids["codes"] is None else pids["codes"][1],
+        production_status=d["production_status"][1],
+        field_schema=dict(meta._schema),
+        custom_meta=d["custom_meta"],
+        custom_backend_meta=d["custom_backend_meta"],
+        extra_info=d["extra_info"],
+        end_of_stream=d["end_of_stream"],
+    )
+
+
+def batch_parts_from_struct(w: BatchMetaWire) -> tuple[Any, ...]:
+    """The arguments of ``BatchMeta._make`` from a :class:`BatchMetaWire`; ``ProtocolError`` if inconsistent."""
+    if w.version != _WIRE_VERSION:
+        raise ProtocolError(f"BatchMeta wire version {w.version!r}, this side speaks {_WIRE_VERSION}")
+    legacy = {
+        "v": w.version,
+        "global_indexes": ["<i8", w.global_indexes],
+        "partition_ids": {"names": w.partition_names,
+                          "codes": None if w.partition_codes is None else ["<i4", w.partition_codes]},
+        "production_status": ["|i1", w.production_status],
+        "field_schema": [],
+        "custom_meta": w.custom_meta,
+        "custom_backend_meta": w.custom_backend_meta,
+        "extra_info": w.extra_info,
+        "end_of_stream": w.end_of_stream,
+    }  # fmt: skip
+    parts = list(batch_parts_from_wire(legacy))
+    parts[3] = dict(w.field_schema)  # already FieldSchema structs, validated by the decoder
+    return tuple(parts)
 
 
 def batch_to_wire(meta: Any) -> dict[str, Any]:

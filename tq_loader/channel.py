@@ -4,9 +4,10 @@
 typed error the service raised. Two implementations:
 
 * :class:`~tq_loader.transport.Connection` -- ZMQ DEALER to a service in another process (or host);
-* :class:`LocalChannel` -- a service of *this* process: the request Struct and the memoryviews of
-  the caller's tensors are handed straight to the service's handler (no socket, no msgpack of the
-  envelope, no copy of the buffers). When the caller runs on the service's own event loop (the
+* :class:`LocalChannel` -- a service of *this* process: the memoryviews of the caller's tensors
+  are handed straight to the service's handler (no socket, no copy of the buffers); the small
+  control message is encoded and decoded once (microseconds), so both sides see exactly what the
+  wire would carry and never share a mutable object. When the caller runs on the service's own event loop (the
   embedded placement shares one loop, see :data:`tq_loader.loop.shared_loop`) there is no thread
   hop either; otherwise the call is scheduled on the service's loop.
 
@@ -28,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tq_loader import protocol as p
 from tq_loader.errors import (
     ClosedError,
     ProtocolError,
@@ -37,7 +39,7 @@ from tq_loader.errors import (
     error_from_wire,
     error_to_wire,
 )
-from tq_loader.protocol import Reply, Request
+from tq_loader.protocol import Reply, Request, copy_reply, copy_request
 from tq_loader.transport import Handler, RequestContext
 
 __all__ = ["Channel", "LocalChannel", "find_local", "register_local", "unregister_local"]
@@ -104,6 +106,11 @@ def find_local(address: str) -> LocalEndpoint | None:
     return found
 
 
+# requests a service may park (waiting for rows, for room): run as tasks so that giving up or
+# closing the channel cancels them in the service; every other request completes without waiting
+_MAY_WAIT = (p.GetMeta, p.PutRows)
+
+
 class LocalChannel(Channel):
     """A :class:`Channel` to a service hosted by this process (see the module docstring)."""
 
@@ -132,7 +139,10 @@ class LocalChannel(Channel):
         endpoint = self._endpoint()
         views = [b if isinstance(b, memoryview) else memoryview(b) for b in buffers]
         call = _serve(endpoint, next(self._ids), body, views, timeout)
-        if asyncio.get_running_loop() is endpoint.loop:  # the embedded placement: no thread hop
+        same_loop = asyncio.get_running_loop() is endpoint.loop
+        if same_loop and not isinstance(body, _MAY_WAIT):
+            return await call  # the embedded placement: no thread hop, not even a task
+        if same_loop:
             pending: asyncio.Future[Any] = asyncio.ensure_future(call)
         else:
             pending = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(call, endpoint.loop))
@@ -169,7 +179,7 @@ async def _serve(
     deadline = None if timeout is None else loop.time() + max(0.0, timeout)
     ctx = RequestContext(request_id, deadline, loop, in_process=True)
     try:
-        reply, out = await endpoint.handler(ctx, body, views)
+        reply, out = await endpoint.handler(ctx, copy_request(body), views)
     except TQError:
         raise
     except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
@@ -178,4 +188,4 @@ async def _serve(
         raise error_from_wire(*error_to_wire(exc)) from exc
     if reply is None:
         raise ProtocolError(f"{endpoint.name} returned no reply to {type(body).__name__}")
-    return reply, [b if isinstance(b, memoryview) else memoryview(b) for b in out]
+    return copy_reply(reply), [b if isinstance(b, memoryview) else memoryview(b) for b in out]

@@ -238,6 +238,20 @@ class AsyncClient:
                 )
             )
 
+    async def async_set_tags(self, metadata: BatchMeta, tags: Sequence[Mapping[str, Any]]) -> None:
+        """Merge ``tags[i]`` into the tags of row ``i`` of ``metadata`` (``dict.update``; one partition)."""
+        _check_meta("metadata", metadata)
+        if metadata.size == 0:
+            return
+        rows = [args.plain_mapping(f"tags[{i}]", t) for i, t in enumerate(tags)]
+        await self._call(
+            p.SetTags(
+                partition_id=_single_partition(metadata, "set_tags()"),
+                global_indexes=p.ids_to_wire(metadata.global_index_array),
+                tags=rows,
+            )
+        )
+
     # ------------------------------------------------------------------ data
     async def async_put(
         self,
@@ -300,14 +314,24 @@ class AsyncClient:
         await self._write(batch, meta, pid, ids)
         return _with_fields(meta, _written(reply.schemas, batch))
 
-    async def _write(self, batch: PreparedBatch, meta: BatchMeta, pid: str, ids: np.ndarray) -> None:
+    async def _write(
+        self,
+        batch: PreparedBatch,
+        meta: BatchMeta,
+        pid: str,
+        ids: np.ndarray,
+        tags: list[dict[str, Any]] | None = None,
+    ) -> None:
         """The readiness rule: store every byte, then (and only then) make the rows visible."""
-        if not batch.columns:
+        if not batch.columns and tags is None:
             return
-        storage = await self.storage()
-        await self._stored(storage.put_data(batch, meta))
+        if batch.columns:
+            storage = await self.storage()
+            await self._stored(storage.put_data(batch, meta))
         await self._call(
-            p.NotifyProduced(partition_id=pid, global_indexes=p.ids_to_wire(ids), schemas=batch.schemas)
+            p.NotifyProduced(
+                partition_id=pid, global_indexes=p.ids_to_wire(ids), schemas=batch.schemas, tags=tags
+            )
         )
 
     async def _rollback_insert(self, pid: str, ids: np.ndarray) -> None:
@@ -465,6 +489,40 @@ class AsyncClient:
             )
         )
         return list(reply.names)
+
+    async def async_kv_write(
+        self,
+        keys: Sequence[str],
+        partition_id: str,
+        data: TensorDict | Mapping[str, Any] | PreparedBatch,
+        tags: Sequence[Mapping[str, Any]] | None = None,
+    ) -> tuple[BatchMeta, np.ndarray]:
+        """Write ``data`` (one row per key) into the rows of ``keys``, creating rows for new keys, and
+        merge ``tags`` (one dict per key) -- the KV put in two requests (lookup-and-check, store, then
+        notify with the tags). All or nothing for new keys: a refused write removes the rows it
+        created. Returns the rows' BatchMeta (before this write) and which rows it created."""
+        keys = args.names("keys", keys, allow_empty=False)
+        pid = args.name("partition_id", partition_id)
+        batch = prepare_batch(data)
+        if batch.size != len(keys):
+            raise ArgumentError(f"{batch.size} rows of data for {len(keys)} keys")
+        reply: p.KVLookupReply = await self._call(
+            p.KVLookup(partition_id=pid, keys=keys, create=True, schemas=batch.schemas)
+        )
+        meta = BatchMeta.from_wire(reply.meta)
+        created = np.frombuffer(reply.created, dtype=bool).copy()
+        try:
+            await self._write(batch, meta, pid, meta.global_index_array, None if tags is None else list(tags))
+        except BaseException:
+            if created.any():  # undo the rows this call created; the original error is the one to see
+                try:
+                    await self.async_clear_samples(meta.select_samples(np.flatnonzero(created)))
+                except TQError as exc:
+                    log.warning("could not remove %d rows of a failed KV write: %s", int(created.sum()), exc)
+            raise
+        self._stats["puts"] += 1
+        self._stats["rows_put"] += batch.size
+        return meta, created
 
     async def async_kv_list(self, partition_id: str | None = None) -> dict[str, dict[str, Any]]:
         reply: p.KVListReply = await self._call(
@@ -626,6 +684,7 @@ class Client:
     put, async_put = _sync(AsyncClient.async_put)
     get_data, async_get_data = _sync(AsyncClient.async_get_data)
     set_custom_meta, async_set_custom_meta = _sync(AsyncClient.async_set_custom_meta)
+    set_tags, async_set_tags = _sync(AsyncClient.async_set_tags)
     clear_samples, async_clear_samples = _sync(AsyncClient.async_clear_samples)
     clear_partition, async_clear_partition = _sync(AsyncClient.async_clear_partition)
     create_partition, async_create_partition = _sync(AsyncClient.async_create_partition)
@@ -641,6 +700,7 @@ class Client:
     abort, async_abort = _sync(AsyncClient.async_abort)
     kv_retrieve_meta, async_kv_retrieve_meta = _sync(AsyncClient.async_kv_retrieve_meta)
     kv_lookup, async_kv_lookup = _sync(AsyncClient.async_kv_lookup)
+    kv_write, async_kv_write = _sync(AsyncClient.async_kv_write)
     kv_retrieve_keys, async_kv_retrieve_keys = _sync(AsyncClient.async_kv_retrieve_keys)
     kv_list, async_kv_list = _sync(AsyncClient.async_kv_list)
     statistics, async_statistics = _sync(AsyncClient.async_statistics)

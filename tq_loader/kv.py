@@ -147,23 +147,22 @@ async def _batch_put(
         if n != len(keys):
             raise ArgumentError(f"kv_batch_put got {n} rows of fields for {len(keys)} keys")
         fields = _parsed(fields, data_parser)
-    meta, created = await core.async_kv_lookup(keys, pid, create=True)
-    old_fields = set(meta.field_names)
+    if fields is not None:  # one lookup-and-check, one store, one notify carrying the tags
+        meta, _ = await core.async_kv_write(keys, pid, fields, checked_tags)
+        old_fields = set(meta.field_names) | set(fields.keys())
+    else:  # tags only
+        meta, created = await core.async_kv_lookup(keys, pid, create=True)
+        old_fields = set(meta.field_names)
+        try:
+            await core.async_set_tags(meta, checked_tags)  # type: ignore[arg-type]
+        except Exception:
+            if created.any():
+                with contextlib.suppress(TQError):
+                    await core.async_clear_samples(meta.select_samples(np.flatnonzero(created)))
+            raise
     merged = [dict(old) for old in meta.get_all_custom_meta()]
-    try:
-        if fields is not None:
-            await core.async_put(fields, meta)
-            old_fields |= set(fields.keys())
-        if checked_tags is not None:
-            for row, new in zip(merged, checked_tags):
-                row.update(new)
-            meta.update_custom_meta(checked_tags)
-            await core.async_set_custom_meta(meta)
-    except Exception:
-        if created.any():  # undo the rows this call created; the original error is the one to see
-            with contextlib.suppress(TQError):
-                await core.async_clear_samples(meta.select_samples(np.flatnonzero(created)))
-        raise
+    for row, new in zip(merged, checked_tags or ()):
+        row.update(new)
     return KVBatchMeta(keys=keys, tags=merged, partition_id=pid, fields=sorted(old_fields))
 
 

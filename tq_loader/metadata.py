@@ -488,9 +488,15 @@ class BatchMeta(RowMetaMixin):
         return rows.batch_to_wire(self)
 
     @classmethod
-    def from_wire(cls, d: Mapping[str, Any]) -> BatchMeta:
-        """Inverse of :meth:`to_wire`; ``ProtocolError`` on a malformed dict."""
+    def from_wire(cls, d: Mapping[str, Any] | rows.BatchMetaWire) -> BatchMeta:
+        """Inverse of :meth:`to_wire` (or of :meth:`to_struct`); ``ProtocolError`` on a malformed form."""
+        if isinstance(d, rows.BatchMetaWire):
+            return cls._make(*rows.batch_parts_from_struct(d))
         return cls._make(*rows.batch_parts_from_wire(d))
+
+    def to_struct(self) -> rows.BatchMetaWire:
+        """The typed form protocol messages carry (msgspec validates it while decoding)."""
+        return rows.batch_to_struct(self)
 
 
 from tq_loader.metadata_kv import KVBatchMeta  # noqa: E402  (re-export; it builds on the helpers above)

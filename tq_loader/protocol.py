@@ -24,6 +24,7 @@ from typing import Any, Union
 import msgspec
 import numpy as np
 
+from tq_loader._meta_util import BatchMetaWire
 from tq_loader.codec import ColumnSpec
 from tq_loader.codec_objects import numpy_enc_hook, numpy_ext_hook
 from tq_loader.errors import ProtocolError
@@ -111,11 +112,13 @@ class PrepareWrite(_Msg):
 
 
 class NotifyProduced(_Msg):
-    """Sent by a storage manager only after every unit acknowledged the write."""
+    """Sent by the client core only after the storage acknowledged every byte of the write; ``tags``
+    (one dict per row, merged like ``SetTags``) come with it so a KV write is one message."""
 
     partition_id: str
     global_indexes: bytes
     schemas: dict[str, FieldSchema]
+    tags: list[dict[str, Any]] | None = None
 
 
 class SetTags(_Msg):
@@ -151,10 +154,15 @@ class ConsumptionStatus(_Msg):
 
 
 class KVLookup(_Msg):
+    """Rows of ``keys``. With ``schemas`` (a KV write about to store these fields) they are checked
+    against the partition's columns first -- nothing is created on a conflict -- and the reply
+    carries the merged ones, so the write needs no separate PrepareWrite."""
+
     partition_id: str
     keys: list[str]
     create: bool = False
     missing_ok: bool = False  # drop unknown keys (and an unknown partition) instead of NotFoundError
+    schemas: dict[str, FieldSchema] | None = None
 
 
 class KVKeys(_Msg):
@@ -299,7 +307,7 @@ class ClusterInfo(_Msg):
 
 
 class MetaReply(_Msg):
-    meta: dict[str, Any]
+    meta: BatchMetaWire
 
 
 class WriteReply(_Msg):
@@ -322,8 +330,9 @@ class StatusReply(_Msg):
 
 
 class KVLookupReply(_Msg):
-    meta: dict[str, Any]  # BatchMeta of the keys' rows (fields: those every row has produced)
+    meta: BatchMetaWire  # BatchMeta of the keys' rows (fields: those every row has produced)
     created: bytes  # bool per key
+    schemas: dict[str, FieldSchema] = {}  # with KVLookup.schemas: the columns' schemas after the write
 
 
 class KVListReply(_Msg):
@@ -391,6 +400,7 @@ class RequestHead(msgspec.Struct, frozen=True, array_like=True):
 _FREE_FORM: dict[type, tuple[tuple[str, int], ...]] = {
     GetMeta: (("sampling_config", MAX_PAYLOAD_DEPTH),),
     SetTags: (("tags", MAX_PAYLOAD_DEPTH + 1),),
+    NotifyProduced: (("tags", MAX_PAYLOAD_DEPTH + 1),),
     ImportState: (("state", MAX_PAYLOAD_DEPTH + 4),),
 }
 
@@ -494,6 +504,24 @@ def decode_request(raw: bytes | memoryview, max_bytes: int = MAX_HEADER_BYTES) -
     """Both steps at once (for tools and tests; the server uses them separately)."""
     head = decode_head(raw, max_bytes)
     return RequestEnvelope(head.id, decode_body(head.body), head.timeout, head.token, head.version)
+
+
+_reply_body_decoder: msgspec.msgpack.Decoder[Reply] = msgspec.msgpack.Decoder(Reply, ext_hook=numpy_ext_hook)  # type: ignore[arg-type]
+
+
+def copy_request(body: Request) -> Request:
+    """``body`` as the service would receive it over a socket: encoded and decoded again (a few
+    microseconds for a control message). The in-process channel uses it so that a service and its
+    caller never share a mutable object and every request passes the same checks as on the wire."""
+    return decode_body(_encoder.encode(body))
+
+
+def copy_reply(reply: Reply) -> Reply:
+    """``reply`` as a client would receive it over a socket (see :func:`copy_request`)."""
+    try:
+        return _reply_body_decoder.decode(_encoder.encode(reply))
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"malformed reply: {exc}") from None
 
 
 def decode_reply(raw: bytes | memoryview) -> ReplyEnvelope:

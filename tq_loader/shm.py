@@ -18,6 +18,7 @@ client on another host (or a recycled pid) falls back to TCP instead of being tr
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import mmap
 import os
@@ -137,6 +138,7 @@ class Arena:
         self.max_bytes = max_bytes
         self._segments: list[_Segment] = []
         self._lock = threading.Lock()
+        self._returned: collections.deque[tuple[_Segment, int, int]] = collections.deque()
         self._closed = False
         self.listeners: list[Callable[[SegmentInfo], None]] = []
 
@@ -155,6 +157,7 @@ class Arena:
         with self._lock:
             if self._closed:
                 raise TQConnectionError("the shared-memory arena is closed")
+            self._take_returned()
             for seg in self._segments:
                 off = seg.take(size)
                 if off is not None:
@@ -180,7 +183,15 @@ class Arena:
         return region
 
     def _give(self, seg: _Segment, off: int, size: int) -> None:
-        with self._lock:
+        # A finalizer may run anywhere -- even inside alloc(), under the lock, when a collection
+        # is triggered there -- so it only queues the region (deque.append is atomic); the next
+        # alloc() returns it to its segment.
+        self._returned.append((seg, off, size))
+
+    def _take_returned(self) -> None:
+        """Put queued regions back into their segments (called with the lock held)."""
+        while self._returned:
+            seg, off, size = self._returned.popleft()
             if not self._closed:
                 seg.give(off, size)
 

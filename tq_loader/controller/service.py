@@ -138,7 +138,12 @@ class ControllerService:
 
     def _notify_produced(self, ctx: RequestContext, req: p.NotifyProduced) -> p.Ok:
         part = self.state.get(req.partition_id)
-        part.mark_produced(p.ids_from_wire(req.global_indexes), req.schemas)
+        ids = p.ids_from_wire(req.global_indexes)
+        if req.tags is not None and len(req.tags) != len(ids):
+            raise SchemaError(f"{len(req.tags)} tags for {len(ids)} rows; give one tag dict per row")
+        part.mark_produced(ids, req.schemas)
+        if req.tags is not None:
+            part.set_tags(ids, req.tags)
         self._served["notifies"] += 1
         self._notify(req.partition_id)
         return p.Ok()
@@ -191,11 +196,14 @@ class ControllerService:
         )
 
     def _kv_lookup(self, ctx: RequestContext, req: p.KVLookup) -> p.KVLookupReply:
+        merged: dict[str, Any] = {}
         if req.create:
             part = self.state.get_or_create(req.partition_id)
+            if req.schemas is not None:  # before any key is created: a conflict changes nothing
+                merged = part.check_schemas(req.schemas)
             ids, created = part.get_or_create_keys(req.keys)
         elif req.missing_ok and req.partition_id not in self.state:
-            return p.KVLookupReply(meta=BatchMeta.empty().to_wire(), created=b"")
+            return p.KVLookupReply(meta=BatchMeta.empty().to_struct(), created=b"")
         else:
             part = self.state.get(req.partition_id)
             ids = part.lookup_keys(req.keys)
@@ -213,7 +221,12 @@ class ControllerService:
         common = [f for j, f in enumerate(fields) if len(ids) and matrix[:, j].all()]
         meta = self._meta(part, ids, common)
         meta.set_extra_info("keys", part.keys_of(ids))
-        return p.KVLookupReply(meta=meta.to_wire(), created=np.asarray(created, bool).tobytes())
+        if req.schemas is not None and not req.create:
+            merged = part.check_schemas(req.schemas)
+        return p.KVLookupReply(
+            meta=meta.to_struct(), created=np.asarray(created, bool).tobytes(),
+            schemas={name: merged[name] for name in (req.schemas or {})},
+        )  # fmt: skip
 
     def _kv_keys(self, ctx: RequestContext, req: p.KVKeys) -> p.NamesReply:
         ids = p.ids_from_wire(req.global_indexes)
@@ -332,7 +345,7 @@ class ControllerService:
         if req.mode == "insert":
             part = self.state.get_or_create(req.partition_id)
             ids = part.insert(req.batch_size)
-            return p.MetaReply(meta=self._meta(part, ids, []).to_wire())
+            return p.MetaReply(meta=self._meta(part, ids, []).to_struct())
         if req.dp_rank is not None and not 0 <= req.dp_rank < max(1, req.dp_size):
             raise ValueError(f"dp_rank {req.dp_rank} is outside [0, dp_size={req.dp_size})")
         while True:
@@ -344,9 +357,9 @@ class ControllerService:
             if meta is not None:
                 self._served["rows_out"] += meta.size
                 self._served["eos"] += int(meta.is_end_of_stream)
-                return p.MetaReply(meta=meta.to_wire())
+                return p.MetaReply(meta=meta.to_struct())
             if self.config.polling_mode:
-                return p.MetaReply(meta=BatchMeta.empty().to_wire())
+                return p.MetaReply(meta=BatchMeta.empty().to_struct())
             remaining = ctx.remaining()
             if remaining is not None and remaining <= 0:
                 self._served["timeouts"] += 1
@@ -418,8 +431,8 @@ class ControllerService:
         rank_aware = req.dp_rank is not None and req.batch_index is not None
         if rank_aware:
             return self._fetch_round(part, req, task)
-        ready = part.ready(req.data_fields, task)
         sampler = self._sampler(req.sampler)
+        ready = part.ready(req.data_fields, task, limit=sampler.ready_limit(req.batch_size))
         cfg = self._sampling_config(part, ready, req, sampler)
         sampled, consumed = sampler.sample_batch(ready, req.batch_size, **cfg)
         if len(sampled) == 0:
@@ -454,8 +467,8 @@ class ControllerService:
 
     def _sample_round(self, part: PartitionState, req: p.GetMeta, task: str) -> Round | None:
         dp_size = max(1, req.dp_size)
-        ready = part.ready(req.data_fields, task)
         sampler = self._sampler(req.sampler)
+        ready = part.ready(req.data_fields, task, limit=sampler.ready_limit(req.batch_size * dp_size))
         cfg = self._sampling_config(part, ready, req, sampler)
         per_rank, consumed = sampler.sample_round(ready, req.batch_size, dp_size, **cfg)
         if not consumed:

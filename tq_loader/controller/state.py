@@ -103,6 +103,8 @@ class PartitionState:
         self._live = np.zeros(0, dtype=bool)
         self._prod = np.zeros((0, 0), dtype=bool, order="F")
         self._consumed: dict[str, np.ndarray] = {}
+        # per task: every slot below it is consumed or dead, so ``ready`` starts scanning there
+        self._low: dict[str, int] = {}
         self._fields: dict[str, int] = {}  # field name -> column of _prod, in first-produced order
         self._schemas: dict[str, FieldSchema] = {}
         self._tags: dict[int, dict[str, Any]] = {}
@@ -270,6 +272,7 @@ class PartitionState:
         self._live = np.zeros(0, dtype=bool)
         self._prod = np.zeros((0, self._prod.shape[1]), dtype=bool, order="F")
         self._consumed = {task: np.zeros(0, dtype=bool) for task in self._consumed}
+        self._low.clear()
         self._tags.clear()
         self._key_to_id.clear()
         self._id_to_key.clear()
@@ -293,6 +296,7 @@ class PartitionState:
             kept[:m] = vec[keep]
             self._consumed[task] = kept
         self._ids, self._live, self._prod, self._n = ids, live, prod, m
+        self._low.clear()  # positions moved: the marks are recomputed from the front
 
     def seal(self) -> None:
         """No new rows from now on: consumers drain what is there and their streams end."""
@@ -376,19 +380,52 @@ class PartitionState:
         """
         if isinstance(fields, str):
             fields = [fields]
-        n = self._n
-        mask = self._live[:n].copy()
-        for name in fields:
-            col = self._fields.get(name)
-            if col is None:
-                return np.empty(0, dtype=np.int64)
-            mask &= self._prod[:n, col]
-        if task is not None and task in self._consumed:
-            mask &= ~self._consumed[task][:n]
-        idx = np.flatnonzero(mask)
-        if limit is not None:
-            idx = idx[: max(int(limit), 0)]
-        return self._ids[idx]
+        cols = [self._fields.get(name) for name in fields]
+        if any(c is None for c in cols):
+            return np.empty(0, dtype=np.int64)
+        consumed = None if task is None else self._consumed.get(task)
+        start = self._advance(task) if consumed is not None else 0
+        if limit is None:
+            return self._ids[self._ready_in(start, self._n, cols, consumed)]
+        # a stream reads from its low-water mark on: scan windows until ``limit`` rows are found,
+        # so a call costs O(rows looked at), not O(rows in the partition x fields)
+        want, found, at = max(int(limit), 0), [], start
+        window = max(4 * want, 4096)
+        while at < self._n and want > 0:
+            end = min(self._n, at + window)
+            idx = self._ready_in(at, end, cols, consumed)[:want]
+            found.append(idx)
+            want -= idx.size
+            at, window = end, 2 * window
+        return self._ids[np.concatenate(found)] if found else np.empty(0, dtype=np.int64)
+
+    def _ready_in(self, start: int, end: int, cols: list[Any], consumed: np.ndarray | None) -> np.ndarray:
+        """Positions in ``[start, end)`` that are live, produced in ``cols`` and not ``consumed``."""
+        mask = self._live[start:end].copy()
+        for col in cols:
+            mask &= self._prod[start:end, col]
+        if consumed is not None:
+            mask &= ~consumed[start:end]
+        return np.flatnonzero(mask) + start
+
+    def _advance(self, task: str | None) -> int:
+        """Move ``task``'s low-water mark past the consumed or dead slots at its front; return it."""
+        if task is None:
+            return 0
+        consumed = self._consumed.get(task)
+        low = self._low.get(task, 0)
+        if consumed is None:
+            return low
+        step = 4096
+        while low < self._n:
+            end = min(self._n, low + step)
+            done = consumed[low:end] | ~self._live[low:end]
+            if not done.all():
+                low += int(np.argmin(done))
+                break
+            low, step = end, 2 * step
+        self._low[task] = low
+        return low
 
     def production_status(
         self, global_ids: Any = None, fields: Sequence[str] | None = None
@@ -420,6 +457,7 @@ class PartitionState:
         for name, vec in self._consumed.items():
             if task is None or name == task:
                 vec[:] = False
+                self._low.pop(name, None)
 
     def count_unconsumed(self, task: str) -> int:
         """Live rows ``task`` has not consumed, produced or not (sealed and < batch size: stream ends)."""

@@ -130,6 +130,12 @@ class BaseSampler(ABC):
         """Rows that must stay together on one rank (1 here; the group size for group samplers)."""
         return 1
 
+    def ready_limit(self, rows: int, **sampling_config: Any) -> int | None:
+        """How many ready rows (in id order) :meth:`sample` needs to pick ``rows`` -- ``None``: all of
+        them. A sampler that only takes the first ready rows says so, and the controller then scans
+        a window of the partition instead of the whole of it."""
+        return None
+
     def sample_batch(
         self, ready_indexes: IndexLike, batch_size: int, **sampling_config: Any
     ) -> tuple[list[int], list[int]]:

@@ -39,6 +39,10 @@ class SequentialSampler(BaseSampler):
     controller asks through :meth:`sample_batch`, which owns the "wait for ``batch_size`` rows" rule.
     """
 
+    def ready_limit(self, rows: int, **sampling_config: Any) -> int | None:
+        # the first ``rows`` ready rows are the batch -- unless a subclass samples differently
+        return rows if type(self).sample is SequentialSampler.sample else None
+
     def sample(
         self, ready_indexes: IndexLike, batch_size: int, *args: Any, **sampling_config: Any
     ) -> tuple[list[int], list[int]]:

@@ -66,6 +66,10 @@ def copy_rows(
     slots is a handful of runs); a fragmented selection falls back to an indexed copy.
     """
     dst_rows = np.asarray(dst_rows, dtype=np.int64)
+    if dst_rows.size == 1:  # a single row (the small-op path): no run analysis
+        r = 0 if src_rows is None else int(src_rows[0])
+        dst.narrow(0, int(dst_rows[0]), 1).copy_(src.narrow(0, r, 1))
+        return
     whole = src_rows is None
     src_rows = np.arange(dst_rows.size, dtype=np.int64) if whole else np.asarray(src_rows, np.int64)
     starts, lens = row_runs(dst_rows, src_rows)
