@@ -29,6 +29,7 @@ from tq_loader.checkpoint import (
     save_checkpoint,
 )
 from tq_loader.controller.registry import ControllerState
+from tq_loader.controller.snapshot import export_partition, partition_from_state
 from tq_loader.controller.state import PartitionState, RowIdAllocator
 from tq_loader.errors import CheckpointNotFoundError, NotFoundError, ProtocolError, SchemaError, TQError
 from tq_loader.schema import FieldSchema
@@ -61,10 +62,10 @@ def _partition(alloc: RowIdAllocator) -> PartitionState:
 def test_partition_state_round_trip_keeps_everything() -> None:
     alloc = RowIdAllocator()
     part = _partition(alloc)
-    state = part.export_state()
+    state = export_partition(part)
     msgspec.msgpack.decode(msgspec.msgpack.encode(state))  # plain, msgpack-able data
-    back = PartitionState.from_state(msgspec.msgpack.decode(msgspec.msgpack.encode(state)), alloc)
-    assert back.export_state() == state
+    back = partition_from_state(msgspec.msgpack.decode(msgspec.msgpack.encode(state)), alloc)
+    assert export_partition(back) == state
     assert back.sealed and back.num_rows == part.num_rows == 7
     assert back.ready(["a"], "actor").tolist() == part.ready(["a"], "actor").tolist() == [3, 6, 7]
     assert back.production_status()[2].tolist() == part.production_status()[2].tolist()
@@ -90,13 +91,13 @@ def test_partition_state_round_trip_keeps_everything() -> None:
 )
 def test_partition_state_rejects_inconsistent_state(path: tuple[str, ...], value: Any, error: type) -> None:
     alloc = RowIdAllocator()
-    state = _partition(alloc).export_state()
+    state = export_partition(_partition(alloc))
     node = state
     for key in path[:-1]:
         node = node[key]
     node[path[-1]] = value
     with pytest.raises(error):
-        PartitionState.from_state(state, alloc)
+        partition_from_state(state, alloc)
 
 
 def test_controller_state_import_is_all_or_nothing_and_never_reuses_ids() -> None:

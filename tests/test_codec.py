@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tensordict import NonTensorData, NonTensorStack, TensorDict
 
+from tq_loader import codec
 from tq_loader.codec import _DTYPES as DTYPES
 from tq_loader.codec import (
     KINDS,
@@ -23,9 +24,7 @@ from tq_loader.codec import (
     batch_length,
     column_length,
     decode_columns,
-    decode_header,
     encode_columns,
-    encode_header,
     to_tensordict,
 )
 from tq_loader.errors import ProtocolError, SchemaError
@@ -35,6 +34,22 @@ DTYPE_NAMES = sorted(DTYPES)
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def encode_header(specs: list[ColumnSpec]) -> bytes:
+    """The specs as a message would carry them (inside its msgpack header)."""
+    return msgspec.msgpack.encode(list(specs))
+
+
+def decode_header(raw: bytes) -> list[ColumnSpec]:
+    """What a receiver makes of header bytes: typed specs, each checked as decode_columns checks it."""
+    try:
+        specs = msgspec.msgpack.decode(raw, type=list[ColumnSpec])
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+        raise ProtocolError(f"malformed column header: {exc}") from exc
+    for spec in specs:
+        codec._check_spec(spec)
+    return specs
 
 
 def _bits(t: torch.Tensor) -> bytes:

@@ -3,7 +3,7 @@
 A checkpoint is a directory::
 
     manifest.json      format, version, and the sha256 + size of each file below (written last)
-    state.msgpack      {"format", "version", "controller": ControllerState.export_state(),
+    state.msgpack      {"format", "version", "controller": the controller's exported state,
                         "metadata": the user's dict as one codec object blob}
     data.safetensors   chunk i = one field of one partition as one storage unit held it:
                        tensor "i.ids" (int64 row ids) and "i.0", "i.1", ... (uint8: the codec's
@@ -17,8 +17,8 @@ checkpoint at the path; a crash right then leaves the old one as ``.<name>.tq-pr
 and ``load_checkpoint`` says so.)
 
 Loading reads and validates *everything* first -- checksums, msgpack and safetensors structure,
-every column spec and buffer, the controller state (by importing it into a scratch
-``ControllerState``) and that every stored row is a live row of its partition -- and raises
+every column spec and buffer, that every stored row is a live row of its partition, and the
+controller state (the controller itself validates it with a dry-run import) -- and raises
 :class:`ProtocolError` / :class:`SchemaError` before the cluster is touched. Only then does it
 clear the cluster's partitions, put the rows through the storage manager (re-striped over however
 many units the cluster has now, without notifying the controller) and import the controller state
@@ -52,11 +52,9 @@ from tq_loader.batch import PreparedBatch
 from tq_loader.client import AsyncClient, Client
 from tq_loader.codec import ColumnSpec, column_length, decode_columns, encode_columns
 from tq_loader.codec_objects import decode_objects, encode_objects
-from tq_loader.controller.registry import ControllerState
 from tq_loader.errors import (
     ArgumentError,
     CheckpointNotFoundError,
-    NotFoundError,
     ProtocolError,
     SchemaError,
     TQError,
@@ -246,6 +244,7 @@ async def _collect(core: AsyncClient) -> tuple[dict[str, Any], list[_Chunk]]:
 async def _apply(core: AsyncClient, state: dict[str, Any], chunks: list[_Chunk]) -> None:
     """Clear the cluster, store the rows (re-striped, no notify), then import the controller state."""
     storage = await _simple_storage(core)
+    await core.async_import_state(state, dry_run=True)  # the controller validates it before any change
     for pid in await core.async_get_partition_list():
         await core.async_clear_partition(pid)
     for pid in dict.fromkeys(c.partition for c in chunks):  # rows a unit holds without the controller
@@ -451,22 +450,31 @@ def _read_manifest(target: Path) -> _Manifest:
     return manifest
 
 
-def _read_state(target: Path) -> tuple[dict[str, Any], ControllerState, dict[str, Any]]:
+def _read_state(target: Path) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
     try:
         sf = msgspec.msgpack.decode((target / STATE_FILE).read_bytes(), type=_StateFile)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         raise _corrupt(target, f"malformed {STATE_FILE} ({exc})") from None
     if sf.format != CHECKPOINT_FORMAT or sf.version != CHECKPOINT_VERSION:
         raise _corrupt(target, f"{STATE_FILE} has format {sf.format!r} version {sf.version}")
-    scratch = ControllerState()
-    scratch.import_state(sf.controller)  # full validation, without touching any cluster
     metadata = decode_objects(memoryview(sf.metadata), 1, "checkpoint metadata")[0]
     if not isinstance(metadata, dict):
         raise _corrupt(target, "metadata is not a dict")
-    return sf.controller, scratch, metadata
+    return sf.controller, _live_ids(target, sf.controller), metadata
 
 
-def _read_chunks(target: Path, scratch: ControllerState) -> list[_Chunk]:
+def _live_ids(target: Path, state: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Each partition's live row ids as the state lists them (the controller checks the rest)."""
+    try:
+        return {
+            str(part["partition_id"]): np.frombuffer(part["ids"]["data"], dtype="<i8")
+            for part in state["partitions"]
+        }
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _corrupt(target, f"{STATE_FILE} lists its partitions malformed ({exc!r})") from None
+
+
+def _read_chunks(target: Path, live: dict[str, np.ndarray]) -> list[_Chunk]:
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -493,10 +501,9 @@ def _read_chunks(target: Path, scratch: ControllerState) -> list[_Chunk]:
         ids = ids_t.numpy()
         if column_length(value) != ids.size or np.unique(ids).size != ids.size:
             raise _corrupt(target, f"chunk {i} ({h.partition!r}, {h.spec.name!r}) has mismatched row ids")
-        try:
-            scratch.get(h.partition).positions(ids)  # every stored row is a live row of its partition
-        except NotFoundError as exc:
-            raise _corrupt(target, f"chunk {i}: {exc}") from None
+        rows = live.get(h.partition)
+        if rows is None or not np.isin(ids, rows).all():  # every stored row is a live row of its partition
+            raise _corrupt(target, f"chunk {i}: rows of {h.partition!r} that its saved state does not hold")
         chunks.append(_Chunk(h.partition, ids, h.spec.name, value=value))
     return chunks
 
@@ -506,5 +513,5 @@ def _read_checkpoint(target: Path) -> tuple[dict[str, Any], list[_Chunk], dict[s
     target = target.absolute()
     clean_stale(target)
     _read_manifest(target)
-    state, scratch, metadata = _read_state(target)
-    return state, _read_chunks(target, scratch), metadata
+    state, live, metadata = _read_state(target)
+    return state, _read_chunks(target, live), metadata

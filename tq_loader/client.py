@@ -554,9 +554,10 @@ class AsyncClient:
         reply: p.StateReply = await self._call(p.ExportState())
         return dict(reply.state)
 
-    async def async_import_state(self, state: Mapping[str, Any]) -> None:
-        """Replace the controller's whole state with ``state`` (from ``export_state``); storage untouched."""
-        await self._call(p.ImportState(state=dict(state)))
+    async def async_import_state(self, state: Mapping[str, Any], *, dry_run: bool = False) -> None:
+        """Replace the controller's whole state with ``state`` (from ``export_state``); storage untouched.
+        ``dry_run``: only let the controller validate it (it raises what a real import would)."""
+        await self._call(p.ImportState(state=dict(state), dry_run=bool(dry_run)))
 
     async def async_close(self) -> None:
         if self._storage is not None:

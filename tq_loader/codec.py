@@ -45,8 +45,8 @@ from tq_loader import codec_objects as objects
 from tq_loader.errors import ProtocolError, SchemaError
 
 __all__ = [
-    "ColumnSpec", "KINDS", "batch_length", "column_length", "decode_columns", "decode_header",
-    "encode_columns", "encode_header", "to_tensordict",
+    "ColumnSpec", "KINDS", "batch_length", "column_length", "decode_columns", "encode_columns",
+    "quiet_torch_notices", "to_tensordict",
 ]  # fmt: skip
 
 KINDS = ("dense", "jagged", "rows", "object")
@@ -62,19 +62,35 @@ _DTYPES: dict[str, torch.dtype] = {
 _MAX_NDIM = 32
 _MAX_BYTES = 1 << 62  # no column may describe more: keeps every size and stride inside int64
 
-# The buffer of a received message is owned by that message alone (see module docstring), so the
-# "buffer is not writable" warning of torch.frombuffer does not apply. PyTorch emits it once per
-# process (TORCH_WARN_ONCE): spend that once here, silenced, instead of touching the global
-# warning filters on every decode (catch_warnings is not thread-safe).
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    torch.frombuffer(b"\0", dtype=torch.uint8)
-# Columns whose rows vary in several dims come back as strided nested tensors; torch warns on every
-# construction that the layout is a prototype. The user did not choose it, so say it once, here.
-warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
-# Building a jagged tensor logs an internal torch.fx notice ("is_fx_tracing will return true ...")
-# that means nothing to a data-loading user.
-logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+_quiet = False
+
+
+def quiet_torch_notices() -> None:
+    """Spend, silenced, the one-time notices torch prints on behalf of the data path.
+
+    Each is printed once per process (``TORCH_WARN_ONCE`` / a logger warning), at the first call
+    that triggers it: ``torch.frombuffer`` over a read-only buffer (a received frame belongs to its
+    message alone, so the "not writable" warning does not apply), strided nested tensors (the
+    "prototype" warning, for columns whose rows vary in several dims -- the user did not choose
+    the layout) and jagged tensors (an internal torch.fx notice). Triggering them here once, under a
+    temporary filter that is then restored, leaves the process's warning filters and loggers as
+    they were. Called by the codec on first use, not at import.
+    """
+    global _quiet
+    if _quiet:
+        return
+    _quiet = True
+    fx_log = logging.getLogger("torch.fx._symbolic_trace")
+    level = fx_log.level
+    fx_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.frombuffer(b"\0", dtype=torch.uint8)
+            torch.nested.nested_tensor([torch.zeros(1, 2), torch.zeros(2, 1)])
+            torch.nested.nested_tensor_from_jagged(torch.zeros(3), torch.tensor([0, 1, 3]))
+    finally:
+        fx_log.setLevel(level)
 
 
 class ColumnSpec(msgspec.Struct, frozen=True, array_like=True):
@@ -266,6 +282,7 @@ def encode_columns(data: TensorDict | Mapping[str, Any]) -> tuple[list[ColumnSpe
 
     The buffers may alias the input tensors' memory: do not modify them until the frames are sent.
     """
+    quiet_torch_notices()
     batch_length(data)  # all columns must agree on the number of rows
     specs: list[ColumnSpec] = []
     buffers: list[memoryview] = []
@@ -408,6 +425,7 @@ def decode_columns(
     ``copy=False``: dense and jagged tensors share memory with ``buffers`` (see module docstring);
     ``copy=True``: every tensor owns its memory. Raises ``ProtocolError`` on any inconsistency.
     """
+    quiet_torch_notices()
     for spec in specs:
         _check_spec(spec)
     need = sum(spec.nbuf for spec in specs)
@@ -424,25 +442,6 @@ def decode_columns(
             raise ProtocolError(f"column {spec.name!r}: buffers hold {got} bytes, header says {spec.nbytes}")
         out[spec.name] = _DECODERS[spec.kind](spec, bufs, copy)
     return out
-
-
-_HEADER_DECODER = msgspec.msgpack.Decoder(list[ColumnSpec])
-
-
-def encode_header(specs: Sequence[ColumnSpec]) -> bytes:
-    """The specs as one msgpack frame, for senders that do not embed them in another message."""
-    return msgspec.msgpack.encode(list(specs))
-
-
-def decode_header(b: bytes | memoryview) -> list[ColumnSpec]:
-    """Inverse of :func:`encode_header`; ``ProtocolError`` if the bytes or any spec are malformed."""
-    try:
-        specs = _HEADER_DECODER.decode(b)
-    except (msgspec.DecodeError, RecursionError) as exc:
-        raise ProtocolError(f"malformed column header: {exc}") from exc
-    for spec in specs:
-        _check_spec(spec)
-    return specs
 
 
 # --------------------------------------------------------------------------- TensorDict

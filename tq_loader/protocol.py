@@ -211,7 +211,11 @@ class ExportState(_Msg):
 
 
 class ImportState(_Msg):
+    """Replace the controller's whole state; ``dry_run``: only validate it (a checkpoint load asks
+    before it touches the cluster)."""
+
     state: dict[str, Any]
+    dry_run: bool = False
 
 
 # ---------------------------------------------------------------- storage unit requests

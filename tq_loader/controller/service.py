@@ -314,6 +314,9 @@ class ControllerService:
 
     def _import_state(self, ctx: RequestContext, req: p.ImportState) -> p.Ok:
         """Replace every partition (checkpoint load); the round ledger and sampler caches start over."""
+        if req.dry_run:
+            ControllerState().import_state(req.state)  # the same validation, into a scratch state
+            return p.Ok()
         before = self.state.list()
         self.state.import_state(req.state)  # validates everything before it changes anything
         self.ledger = RoundLedger(self.config.round_cache)

@@ -581,17 +581,3 @@ class PartitionState:
             "aborted": self.aborted,
             "bytes": int(nbytes),
         }
-
-    # ------------------------------------------------------------------ checkpoints
-    def export_state(self) -> dict[str, Any]:
-        """The live rows' state as plain data (bytes for arrays); inverse of :meth:`from_state`."""
-        from tq_loader.controller.snapshot import export_partition
-
-        return export_partition(self)
-
-    @classmethod
-    def from_state(cls, state: Any, allocator: RowIdAllocator) -> PartitionState:
-        """Rebuild from :meth:`export_state`; anything inconsistent raises ``ProtocolError`` first."""
-        from tq_loader.controller.snapshot import partition_from_state
-
-        return partition_from_state(state, allocator)
