@@ -132,9 +132,9 @@ def find_real_transfer_queue() -> str | None:
 
 
 def _raise_conflict(origin: str) -> None:
-    from tq_loader.compat import conflict_error  # tq_loader is imported only on this error path
+    from tq_loader.errors import transfer_queue_conflict  # tq_loader is imported only on this error path
 
-    raise conflict_error(origin)
+    raise transfer_queue_conflict(origin)
 
 
 def install() -> TransferQueueAliasFinder:

@@ -16,16 +16,12 @@ simply ``import tq_loader as tq``. docs/compat.md lists where the two libraries 
 from __future__ import annotations
 
 import _tq_loader_alias as _alias
-from tq_loader.errors import TQError
+from tq_loader.errors import TransferQueueConflictError, transfer_queue_conflict
 
 __all__ = ["ALIASES", "ENV_VAR", "TransferQueueConflictError", "alias_transfer_queue", "conflict_error"]
 
 ALIASES = _alias.ALIASES
 ENV_VAR = _alias.ENV_VAR
-
-
-class TransferQueueConflictError(TQError, ImportError):
-    """A real TransferQueue is importable, so ``transfer_queue`` is not aliased to tq_loader."""
 
 
 def alias_transfer_queue() -> None:
@@ -42,9 +38,4 @@ def alias_transfer_queue() -> None:
 
 def conflict_error(origin: str) -> TransferQueueConflictError:
     """The error for a real TransferQueue found at ``origin``: what was found and the ways out."""
-    return TransferQueueConflictError(
-        f"a real TransferQueue is importable here ({origin}); aliasing transfer_queue to tq_loader would "
-        "shadow it. Uninstall it from this environment (pip uninstall TransferQueue) to run TransferQueue "
-        f"code on tq_loader, or unset {ENV_VAR} and do not call alias_transfer_queue() to keep using "
-        "TransferQueue; code written for tq_loader imports it directly (import tq_loader as tq)."
-    )
+    return transfer_queue_conflict(origin)

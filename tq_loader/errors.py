@@ -34,6 +34,7 @@ __all__ = [
     "TQConnectionError",
     "TQError",
     "TQTimeoutError",
+    "TransferQueueConflictError",
     "error_from_wire",
     "error_to_wire",
 ]
@@ -84,6 +85,20 @@ class DataLostError(TQConnectionError):
 
 class ClosedError(TQError):
     """The partition was aborted by a producer, or the client/service was closed."""
+
+
+class TransferQueueConflictError(TQError, ImportError):
+    """A real TransferQueue is importable, so ``transfer_queue`` is not aliased to tq_loader."""
+
+
+def transfer_queue_conflict(origin: str) -> TransferQueueConflictError:
+    """The error for a real TransferQueue found at ``origin``: what was found and the ways out."""
+    return TransferQueueConflictError(
+        f"a real TransferQueue is importable here ({origin}); aliasing transfer_queue to tq_loader would "
+        "shadow it. Uninstall it from this environment (pip uninstall TransferQueue) to run TransferQueue "
+        "code on tq_loader, or unset TQ_LOADER_ALIAS_TRANSFER_QUEUE and do not call alias_transfer_queue() "
+        "to keep using TransferQueue; code written for tq_loader imports it directly (import tq_loader as tq)."
+    )
 
 
 class ProtocolError(TQError, ValueError):
