@@ -22,7 +22,9 @@ from tensordict import TensorDict
 
 lightning = pytest.importorskip("lightning")
 
-from tq_loader.lightning import StreamingDataModule  # noqa: E402
+import tq_loader as tq  # noqa: E402
+from tq_loader.lightning import StopAtEndOfStream, StreamingDataModule  # noqa: E402
+from tq_loader.loader.identity import cluster_identity  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FEATURES = 4
@@ -153,7 +155,8 @@ def test_data_parallel_rank_from_trainer_and_tp_size() -> None:
 
 def test_rank_zero_checkpoint_applies_to_every_rank(client: Any, pid: str) -> None:
     saved = {"train": {"next_batch_index": 3, "skip_micro_batches": 1, "partition_id": pid,
-                       "task_name": "fit", "dp_rank": 0, "dp_size": 2}}  # fmt: skip
+                       "task_name": "fit", "dp_rank": 0, "dp_size": 2, "cluster": cluster_identity(client),
+                       "max_row_id": None}}  # fmt: skip
     dm = StreamingDataModule(loader_cfg(pid), dp_rank=1, dp_size=2)
     dm.load_state_dict(saved)
     stream = dm.train_dataloader()
@@ -164,6 +167,85 @@ def test_rank_zero_checkpoint_applies_to_every_rank(client: Any, pid: str) -> No
 def test_unknown_loader_key_is_rejected() -> None:
     with pytest.raises(Exception, match="batchsize"):
         StreamingDataModule({"batchsize": 4, "data_fields": ["x"]})
+
+
+class EpochCounter(lightning.Callback):
+    def __init__(self) -> None:
+        self.epochs = 0
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self.epochs += 1
+
+
+@pytest.mark.timeout(120)  # without the end-of-stream stop, max_steps alone would run empty epochs forever
+@pytest.mark.parametrize(
+    "limits", [{"max_epochs": None, "max_steps": 1000}, {"max_epochs": None}, {"max_epochs": 5}]
+)
+def test_a_finished_stream_ends_fit_by_itself(client: Any, pid: str, limits: dict[str, Any]) -> None:
+    rows = put_rows(client, pid, 20)
+    dm = StreamingDataModule(loader_cfg(pid))
+    model, epochs = Recorder(), EpochCounter()
+    fit = trainer(**limits, callbacks=[epochs])
+    fit.fit(model, datamodule=dm)
+    assert sorted(flat(model.steps)) == rows and len(model.steps) == 10
+    assert epochs.epochs == 1 and fit.should_stop
+    assert dm.streams["train"].loader.statistics()["end_of_stream"] is True
+
+
+@pytest.mark.timeout(120)
+def test_an_unfinished_stream_does_not_stop_fit(client: Any, pid: str) -> None:
+    client.put(
+        TensorDict({"x": torch.zeros(8, FEATURES), "y": torch.zeros(8, 1)}, batch_size=[8]), partition_id=pid
+    )
+    model = Recorder()
+    fit = trainer(max_steps=3)
+    fit.fit(model, datamodule=StreamingDataModule(loader_cfg(pid)))  # unsealed: only max_steps ends it
+    assert len(model.steps) == 3 and not fit.should_stop
+
+
+@pytest.mark.timeout(120)
+def test_stop_at_end_of_stream_callback_for_a_loader_given_directly(client: Any, pid: str) -> None:
+    rows = put_rows(client, pid, 16)
+    dataset = tq.StreamingDataset(None, 4, 2, ["x", "y"], pid, "direct", 0, dp_size=1)
+    loader = tq.StreamingDataLoader(dataset, num_workers=1)
+    model, epochs = Recorder(), EpochCounter()
+    fit = trainer(max_epochs=None, max_steps=1000, callbacks=[StopAtEndOfStream(), epochs])
+    fit.fit(model, train_dataloaders=loader)
+    assert sorted(flat(model.steps)) == rows and epochs.epochs == 1 and fit.should_stop
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ddp_fit_ends_when_the_stream_ends(client: Any, pid: str, tmp_path: Path) -> None:
+    """Two DDP ranks (gloo), no max_epochs: both ranks stop after the stream's last batch."""
+    rows = put_rows(client, pid, 48)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, __file__, "ddp-fit", pid, str(tmp_path)],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["epochs"] for r in ranks] == [1, 1] and all(r["should_stop"] for r in ranks)
+    assert [len(r["steps"]) for r in ranks] == [12, 12]
+    seen = [flat(r["steps"]) for r in ranks]
+    assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == rows
+
+
+def ddp_fit(pid: str, outdir: Path) -> None:
+    """One DDP rank's program (Lightning re-runs this file for rank 1): fit until the stream ends."""
+    torch.set_num_threads(1)
+    tq.init()  # attaches to TQ_LOADER_ADDRESS (the test's cluster)
+    model, epochs = Recorder(), EpochCounter()
+    fit = lightning.Trainer(
+        accelerator="cpu", devices=2, max_steps=1000, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[epochs],
+        strategy=lightning.pytorch.strategies.DDPStrategy(process_group_backend="gloo"),
+    )  # fmt: skip
+    fit.fit(model, datamodule=StreamingDataModule(loader_cfg(pid)))
+    record = {"steps": model.steps, "epochs": epochs.epochs, "should_stop": fit.should_stop}
+    (outdir / f"rank{fit.global_rank}.json").write_text(json.dumps(record))
+    tq.close()
 
 
 @pytest.mark.slow
@@ -197,3 +279,8 @@ def test_ddp_two_processes_resume_mid_stream(client: Any, pid: str, tmp_path: Pa
         13,
         13,
     ]  # 16 steps per rank in all, 3 before the checkpoint
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "ddp-fit":
+        ddp_fit(sys.argv[2], Path(sys.argv[3]))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 import threading
 import time
@@ -26,6 +27,7 @@ from torchdata.nodes import Mapper
 
 import tq_loader as tq
 from tq_loader.loader import chunk_batch_fn, passthrough
+from tq_loader.loader.waiting import WaitLog, WaitTarget, describe_wait
 
 JOIN = 30.0  # seconds any background consumer may take before the test fails (never a hang)
 
@@ -476,3 +478,51 @@ def test_custom_fetch_and_process_fns_passed_positionally(client: Any, pid: str)
     assert all(torch.equal(td["double"], td["x"] * 2) for td, _ in out)
     assert [c["batch_index"] for c in calls] == [0, 1, 2], "called in batch order, stopping at the end"
     assert all(c["dp_rank"] == 0 for c in calls)
+
+
+# ----------------------------------------------------------------------------- waiting is never silent
+def wait_reports(caplog: Any) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "tq_loader.loader.waiting"]
+
+
+@pytest.mark.timeout(60)
+def test_a_waiting_loader_logs_what_it_waits_for(client: Any, pid: str, caplog: Any) -> None:
+    caplog.set_level(logging.INFO, logger="tq_loader.loader.waiting")
+    put_rows(client, pid, 0, 2)  # "x" only: the misspelled or not-yet-written field "y" is missing
+    ds = tq.StreamingDataset(None, 4, 4, ["x", "y"], pid, "t", 0, dp_size=2, log_wait_after=0.01)
+    done = in_thread(drain, tq.StreamingDataLoader(ds))
+    wait_until(lambda: len(wait_reports(caplog)) >= 2, "two reports of the wait")
+    first = wait_reports(caplog)[0]
+    assert f"batch 0 of partition {pid!r}" in first and "task 't'" in first and "['x', 'y']" in first
+    assert "0 rows ready with these fields, 8 wanted, 2 in the partition" in first
+    assert "no row has field(s) ['y'] yet" in first and "open" in first
+    client.seal(pid)
+    assert done.result(JOIN) == []
+
+
+def test_wait_report_names_unknown_and_sealed_partitions(client: Any, pid: str) -> None:
+    target = WaitTarget(pid, ("x",), "t", 4, 0, 0)
+    unknown = describe_wait(client, target, 1.0)
+    assert "has no rows" in unknown and "known partitions" in unknown
+    put_rows(client, pid, 0, 3)
+    client.seal(pid)
+    sealed = describe_wait(client, target, 2.0)
+    assert "3 rows ready with these fields, 4 wanted" in sealed and "sealed" in sealed
+
+
+def test_wait_reports_come_at_a_growing_interval(client: Any, pid: str, caplog: Any) -> None:
+    caplog.set_level(logging.INFO, logger="tq_loader.loader.waiting")
+    now = [1000.0]
+    wait = WaitLog(client, WaitTarget(pid, ("x",), "t", 4, 0, 0), first=5.0, clock=lambda: now[0])
+    reported_at = []
+    for t in range(0, 200):
+        now[0] = 1000.0 + t
+        before = wait.reports
+        wait.tick()
+        if wait.reports > before:
+            reported_at.append(t)
+    assert reported_at == [5, 15, 35, 75, 155]  # 5 s, then 10, 20, 40, 80 s apart
+    assert len(wait_reports(caplog)) == 5
+    silent = WaitLog(client, WaitTarget(pid, ("x",), "t", 4, 0, 0), first=None)
+    silent.tick()
+    assert silent.delay() is None and silent.reports == 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ import torch
 from tensordict import TensorDict
 
 import tq_loader as tq
+from tq_loader.loader import ResumeStateError
 
 SAMPLERS: dict[str, dict[str, Any]] = {
     "sequential": {},
@@ -196,3 +198,109 @@ if __name__ == "__main__":
     phase, workdir = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
     (consumer_first if phase == "first" else consumer_resume)(workdir)
+
+
+# ----------------------------------------------------------------------------- resume into the wrong cluster
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def serve(*overrides: str) -> tuple[subprocess.Popen[str], str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("TQ_LOADER_ADDRESS", "TQ_LOADER_AUTH_TOKEN")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tq_loader.cli", "serve", *overrides],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert server.stdout is not None
+    for line in server.stdout:
+        if line.startswith("TQ_LOADER_ADDRESS="):
+            return server, line.strip().split("=", 1)[1]
+    raise AssertionError(f"tq-loader serve exited ({server.wait()}) without printing its address")
+
+
+def stop(server: subprocess.Popen[str]) -> None:
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+def feed_and_read(pid: str, k: int) -> dict[str, Any]:
+    """Put 32 rows into ``pid`` of the attached cluster, seal, deliver ``k`` micro-batches; the state."""
+    client = tq.get_client()
+    client.put(TensorDict({"x": torch.arange(32)}, batch_size=[32]), partition_id=pid)
+    client.seal(pid)
+    loader = tq.StreamingDataLoader(tq.StreamingDataset(None, BATCH, MICRO, ["x"], pid, TASK, 0, dp_size=1))
+    it = iter(loader)
+    for _ in range(k):
+        next(it)
+    state = json.loads(json.dumps(loader.state_dict()))
+    loader.close()
+    return state
+
+
+def fresh_loader(pid: str) -> tq.StreamingDataLoader:
+    return tq.StreamingDataLoader(tq.StreamingDataset(None, BATCH, MICRO, ["x"], pid, TASK, 0, dp_size=1))
+
+
+@pytest.mark.timeout(120)
+def test_resume_refuses_a_fresh_cluster_on_the_same_ports() -> None:
+    """``tq-loader serve`` restarted on fixed ports has the same addresses; the row ids tell it apart."""
+    port, *units = free_ports(3)
+    overrides = (f"--port={port}", f"storage.ports=[{units[0]},{units[1]}]")
+    tq.close()
+    server, address = serve(*overrides)
+    try:
+        tq.connect(address)
+        tq.get_client().put(TensorDict({"x": torch.arange(64)}, batch_size=[64]), partition_id="warmup")
+        state = feed_and_read("stream", 3)  # rows 64..95 of the first cluster; 3 micro-batches delivered
+        assert state["cluster"]["controller"] == address and state["max_row_id"] >= 64
+        assert fresh_loader("stream").load_state_dict(state) is None  # the same cluster: accepted
+    finally:
+        tq.close()
+        stop(server)
+    server, again = serve(*overrides)
+    try:
+        assert again == address
+        tq.connect(again)
+        tq.get_client().put(TensorDict({"x": torch.arange(32)}, batch_size=[32]), partition_id="stream")
+        with pytest.raises(ResumeStateError, match="fresh cluster"):
+            fresh_loader("stream").load_state_dict(state)
+        tq.get_client().seal("stream")
+        forced = fresh_loader("stream")
+        with pytest.warns(UserWarning, match="resuming anyway"):
+            forced.load_state_dict(state, allow_other_cluster=True)
+        assert forced.state_dict()["next_batch_index"] == state["next_batch_index"]
+    finally:
+        tq.close()
+        stop(server)
+
+
+@pytest.mark.timeout(120)
+def test_resume_refuses_another_cluster_and_a_cleared_partition(served: str) -> None:
+    tq.close()
+    tq.connect(served)
+    state = feed_and_read(f"moved-{uuid.uuid4().hex[:8]}", 2)
+    tq.close()
+    tq.init({"storage": {"num_units": 1}})  # another cluster (embedded, fresh addresses)
+    try:
+        with pytest.raises(ResumeStateError, match="another cluster") as caught:
+            fresh_loader(state["partition_id"]).load_state_dict(state)
+        assert "allow_other_cluster=True" in str(caught.value)
+    finally:
+        tq.close()
+        tq.connect(served)
+    tq.get_client().clear_partition(state["partition_id"])
+    with pytest.raises(ResumeStateError, match="no such partition"):
+        fresh_loader(state["partition_id"]).load_state_dict(state)

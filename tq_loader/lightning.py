@@ -19,21 +19,34 @@ Under DDP only rank 0's checkpoint is written; ranks step in lockstep (one micro
 per step), so rank 0's position is every rank's and each rank applies it to its own ``dp_rank``.
 A LightningModule that also overrides ``on_after_batch_transfer`` is overridden by this module's
 hook (Lightning calls the datamodule's); do the transform in ``training_step`` instead.
+
+**A finished stream ends ``trainer.fit``.** Lightning knows no "end of data": once a stream is
+drained it would start empty epochs until ``max_epochs``/``max_steps`` (forever when only
+``max_steps`` is set and the stream is shorter). When the training stream reports end-of-stream
+(the partition was sealed and drained) the module sets ``trainer.should_stop``; the epoch in
+progress finishes (its last batch trains, validation runs as at any epoch end) and ``fit``
+returns. Every DDP rank sees the end after the same number of batches (equal rounds), so all
+ranks stop together. ``min_epochs``/``min_steps`` that the stream cannot reach keep Lightning
+running empty epochs (it warns). With a ``StreamingDataLoader`` handed to ``trainer.fit``
+directly, add the :class:`StopAtEndOfStream` callback for the same effect.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 
 from tq_loader.config import LoaderConfig
 from tq_loader.hydra_conf import build_loader, loader_kwargs
 from tq_loader.loader import StreamingDataLoader
 
-__all__ = ["StreamingDataModule", "TrackedStream"]
+__all__ = ["StopAtEndOfStream", "StreamingDataModule", "TrackedStream"]
+
+log = logging.getLogger(__name__)
 
 LoaderSpec = LoaderConfig | Mapping[str, Any]
 
@@ -45,8 +58,9 @@ class TrackedStream:
     position of a stateful loader; the datamodule checkpoints :attr:`consumed` instead.
     """
 
-    def __init__(self, loader: StreamingDataLoader) -> None:
+    def __init__(self, loader: StreamingDataLoader, on_end: Callable[[], None] | None = None) -> None:
         self.loader = loader
+        self.on_end = on_end  # called when an iteration ends because the stream ended
         self.consumed: dict[str, Any] = loader.state_dict()
         self._handed: deque[dict[str, Any]] = deque()  # positions after items not yet transferred
 
@@ -60,6 +74,8 @@ class TrackedStream:
         for item in self.loader:
             self._handed.append(self.loader.state_dict())
             yield item
+        if self.on_end is not None and self.loader.statistics()["end_of_stream"]:
+            self.on_end()
 
     def used(self, *, commit: bool = True) -> None:
         """The oldest handed-out item reached the model (``commit=False``: a peek, replayed later)."""
@@ -124,13 +140,23 @@ class StreamingDataModule(LightningDataModule):
             old.close()
         dp_rank, dp_size = self.data_parallel()
         stream = TrackedStream(
-            build_loader(**{**kwargs, "dp_rank": dp_rank, "dp_size": dp_size, "config": self.config})
+            build_loader(**{**kwargs, "dp_rank": dp_rank, "dp_size": dp_size, "config": self.config}),
+            on_end=self._train_stream_ended if stage == "train" else None,
         )
         state = self._pending.pop(stage, None)
         if state is not None:
             stream.restore(_for_rank(state, dp_rank))
         self.streams[stage] = stream
         return stream
+
+    def _train_stream_ended(self) -> None:
+        """The training stream is sealed and drained: let the epoch finish, then end ``fit``."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return
+        if not trainer.should_stop:
+            log.info("the training stream ended (partition sealed and drained): stopping trainer.fit")
+        trainer.should_stop = True
 
     # ------------------------------------------------------------------ Lightning hooks
     def train_dataloader(self) -> TrackedStream:
@@ -184,3 +210,33 @@ def _for_rank(state: Mapping[str, Any], dp_rank: int) -> dict[str, Any]:
     if "dp_rank" in out:
         out["dp_rank"] = dp_rank
     return out
+
+
+class StopAtEndOfStream(Callback):
+    """Ends ``trainer.fit`` once a ``StreamingDataLoader`` given to it directly has no more batches.
+
+    (:class:`StreamingDataModule` does this by itself.) Checked at the end of each training epoch
+    with :meth:`~tq_loader.loader.StreamingDataLoader.exhausted` (an epoch bounded by ``len()``
+    ends before the loader sees the end-of-stream marker); under DDP the ranks agree (any rank's end
+    stops all) before ``trainer.should_stop`` is set.
+    """
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        ended = any(
+            isinstance(loader, StreamingDataLoader) and loader.exhausted()
+            for loader in _flattened(trainer.train_dataloader)
+        )
+        if trainer.strategy.reduce_boolean_decision(ended, all=False):
+            trainer.should_stop = True
+
+
+def _flattened(loaders: Any) -> list[Any]:
+    """The loaders of Lightning's ``train_dataloader`` (one, a collection, or a CombinedLoader)."""
+    flattened = getattr(loaders, "flattened", None)
+    if flattened is not None:
+        return list(flattened)
+    if isinstance(loaders, Mapping):
+        return list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        return list(loaders)
+    return [loaders]

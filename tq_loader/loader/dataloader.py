@@ -28,11 +28,13 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import torch
 from tensordict import TensorDict, TensorDictBase
 from torch.utils.data import DataLoader
 from torchdata.nodes import BaseNode, Loader, Mapper, ParallelMapper, PinMemory, Prefetcher
 
 from tq_loader._meta_util import warn_once
+from tq_loader.errors import TQTimeoutError
 from tq_loader.loader.buffer import BatchBuffer
 from tq_loader.loader.calls import LoaderClosed, MetaCalls
 from tq_loader.loader.collate import passthrough
@@ -248,7 +250,7 @@ class StreamingDataLoader(DataLoader):
         warn_once(
             ("StreamingDataLoader", "dropped", ds.partition_id, ds.task_name),
             f"the stream of partition {ds.partition_id!r} ended with {dropped} rows never delivered to task "
-            f"{ds.task_name!r} (all ranks together): {why}",
+            f"{ds.task_name!r} (all ranks together; rows that never got all of {ds.data_fields} count too): {why}",
             stacklevel=5,
         )
 
@@ -271,7 +273,7 @@ class StreamingDataLoader(DataLoader):
             self._max_row = top if self._max_row is None else max(self._max_row, top)
         td = item[0] if isinstance(item, (tuple, list)) else None
         if isinstance(td, TensorDictBase):
-            self._stats["bytes"] += int(td.bytes())
+            self._stats["bytes"] += _nbytes(td)
 
     def close(self) -> None:
         """Stop fetching ahead (cancels waiting metadata requests); the resume point is kept.
@@ -284,6 +286,24 @@ class StreamingDataLoader(DataLoader):
             calls.cancel()
         if loader is not None:
             _stop_threads(loader.root)
+
+    def exhausted(self) -> bool:
+        """Whether the stream has ended at this loader's position (nothing more would be delivered).
+
+        Asks the controller for the next batch without waiting; a round that this cuts is recorded
+        in the ledger and delivered by the next iteration, so nothing is lost. ``False`` while rows
+        may still come (an open partition), ``True`` once the sealed stream is drained.
+        """
+        self._sync_dataset()
+        if self._skip_micro:
+            return False  # the rest of a batch is still to be delivered
+        ds = self.dataset
+        client = ds.client()
+        try:
+            batch = ds.plan(client, self._next_batch, ds.calls(client, 0.0))
+        except (TQTimeoutError, LoaderClosed):
+            return False
+        return batch.end and batch.meta.is_end_of_stream
 
     # ------------------------------------------------------------------ TransferQueue's controls
     def reset(self) -> None:
@@ -386,6 +406,19 @@ class _WorkerInit:
             return
         self._initialised.add(worker_id)
         self.fn(worker_id)
+
+
+def _nbytes(td: TensorDictBase) -> int:
+    """Bytes of a micro-batch's tensors (tensordict's ``bytes()`` refuses strided nested tensors)."""
+    try:
+        return int(td.bytes())
+    except RuntimeError:
+        total = 0
+        for value in td.values(include_nested=True, leaves_only=True):
+            if isinstance(value, torch.Tensor):
+                parts = value.unbind(0) if value.is_nested else (value,)
+                total += sum(p.numel() * p.element_size() for p in parts)
+        return total
 
 
 def _stop_threads(root: BaseNode) -> None:

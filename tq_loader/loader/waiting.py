@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,28 +41,34 @@ class WaitTarget:
 class WaitLog:
     """Schedules the INFO reports of one wait: after ``first`` s, then doubling (``None``: never)."""
 
-    def __init__(self, client: Any, target: WaitTarget, first: float | None) -> None:
-        self.client, self.target = client, target
-        self.started = time.monotonic()
-        self._interval = first
-        self._due = None if first is None else self.started + first
+    def __init__(
+        self,
+        client: Any,
+        target: WaitTarget,
+        first: float | None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client, self.target, self.clock = client, target, clock
+        self.started = clock()
+        self.interval = first
+        self.due = None if first is None else self.started + first
         self.reports = 0
 
     def delay(self) -> float | None:
         """Seconds until the next report is due (``None``: no report is ever due)."""
-        if self._due is None:
+        if self.due is None:
             return None
-        return max(0.0, self._due - time.monotonic())
+        return max(0.0, self.due - self.clock())
 
     def tick(self) -> None:
         """Log the status if a report is due, and schedule the next one."""
-        if self._due is None or self._interval is None or time.monotonic() < self._due:
+        now = self.clock()
+        if self.due is None or self.interval is None or now < self.due:
             return
-        waited = time.monotonic() - self.started
-        log.info("%s", describe_wait(self.client, self.target, waited))
+        log.info("%s", describe_wait(self.client, self.target, now - self.started))
         self.reports += 1
-        self._interval = min(max(self._interval * 2, 1e-3), MAX_INTERVAL_S)
-        self._due = time.monotonic() + self._interval
+        self.interval = min(max(self.interval * 2, 1e-3), MAX_INTERVAL_S)
+        self.due = now + self.interval
 
 
 def describe_wait(client: Any, target: WaitTarget, waited: float) -> str:
