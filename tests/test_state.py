@@ -286,7 +286,7 @@ def test_clear_all_keeps_schemas_and_flags():
     p.mark_produced(new, {"a": I64})
     assert p.ready(["a"], "t").tolist() == new.tolist()
     s = p.statistics()
-    assert s["rows_cleared"] == 4 and s["keys"] == 0 and s["tagged_rows"] == 0
+    assert s["rows_cleared"] == 4 and s["keyed_rows"] == 0 and s["tagged_rows"] == 0
 
 
 # ---------------------------------------------------------------- seal / abort

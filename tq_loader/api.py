@@ -28,6 +28,7 @@ from tq_loader.client import Client
 from tq_loader.cluster import Cluster, start_cluster
 from tq_loader.config import TQConfig, resolve_config
 from tq_loader.errors import ArgumentError
+from tq_loader.stats import ClusterStats
 
 __all__ = [
     "ENV_ADDRESS", "ENV_TOKEN", "close", "connect", "get_client", "get_config", "init", "is_initialized",
@@ -255,6 +256,7 @@ def get_config() -> TQConfig:
     return current.config
 
 
-def statistics() -> dict[str, Any]:
-    """Counters of this client, the controller and every storage unit (a plain dict)."""
+def statistics() -> ClusterStats:
+    """Counters of this client, the controller and the storage: a frozen typed snapshot that reads
+    like a dict (``stats["controller"]["waiting_requests"]``); ``.to_dict()`` for plain data."""
     return get_client().statistics()

@@ -61,7 +61,7 @@ def _status(args: argparse.Namespace) -> int:
         tq.init()
     stats = tq.statistics()
     if args.json:
-        print(json.dumps(stats, indent=2, default=str))
+        print(json.dumps(stats.to_dict() if hasattr(stats, "to_dict") else stats, indent=2, default=str))
     else:
         render_statistics(stats)
     tq.close()

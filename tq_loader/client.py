@@ -46,6 +46,7 @@ from tq_loader.errors import ArgumentError, ClosedError, DataLostError, NotFound
 from tq_loader.loop import LoopThread, shared_loop
 from tq_loader.metadata import BatchMeta
 from tq_loader.schema import FieldSchema
+from tq_loader.stats import ClientStats, ClusterStats, StorageStats
 from tq_loader.storage import BackendInfo, StorageLost, StorageManager, make_storage_manager
 from tq_loader.transport import Connection
 
@@ -146,12 +147,12 @@ class AsyncClient:
         """Tell the controller which rows a backend lost; the error to raise to the caller."""
         dropped = 0
         if lost.unit is not None:
-            reply: p.StatsReply = await self._call(
+            reply: p.LostReply = await self._call(
                 p.ReportLost(
                     unit=lost.unit, num_units=lost.num_units, reason=str(lost), stripe_rows=lost.stripe_rows
                 )
             )
-            dropped += int(reply.stats["lost_rows"])
+            dropped += reply.lost_rows
         for pid, ids in lost.rows:
             reply_ids: p.IdsReply = await self._call(
                 p.ClearSamples(partition_id=pid, global_indexes=p.ids_to_wire(ids))
@@ -531,8 +532,9 @@ class AsyncClient:
         return dict(reply.partitions)
 
     # ------------------------------------------------------------------ introspection
-    async def async_statistics(self) -> dict[str, Any]:
-        """Client counters plus the controller's and every storage unit's statistics (plain dict).
+    async def async_statistics(self) -> ClusterStats:
+        """Client counters plus the controller's and the storage's statistics, as one typed snapshot
+        (``stats["controller"]``-style reads work; ``stats.to_dict()`` gives plain data).
 
         Storage is asked first: a unit found dead there is reported to the controller before the
         controller's counters are read, so one snapshot never shows a dead unit with no lost rows.
@@ -541,12 +543,12 @@ class AsyncClient:
         storage_stats = await storage.statistics()
         for lost in storage.take_lost():
             await self._report_lost(lost)
-        reply: p.StatsReply = await self._call(p.Stats())
-        return {
-            "client": {**self._stats, **{k: round(v, 6) for k, v in self._stats_time.items()}},
-            "controller": reply.stats,
-            "storage": storage_stats,
-        }
+        reply: p.ControllerStatsReply = await self._call(p.Stats())
+        return ClusterStats(
+            client=ClientStats(**self._stats, **{k: round(v, 6) for k, v in self._stats_time.items()}),
+            controller=reply.stats,
+            storage=_storage_stats(storage_stats),
+        )
 
     # ------------------------------------------------------------------ checkpoints
     async def async_export_state(self) -> dict[str, Any]:
@@ -565,6 +567,15 @@ class AsyncClient:
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+
+
+def _storage_stats(stats: Any) -> StorageStats:
+    """A backend's statistics as the typed snapshot (a backend may return a plain dict)."""
+    if isinstance(stats, StorageStats):
+        return stats
+    known = {k: stats[k] for k in StorageStats.__struct_fields__ if k in stats and k != "details"}
+    rest = {k: v for k, v in stats.items() if k not in known}
+    return StorageStats(**{"backend": "unknown", **known}, details=rest)
 
 
 def _check_meta(arg: str, meta: Any) -> None:

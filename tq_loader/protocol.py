@@ -29,6 +29,7 @@ from tq_loader.codec import ColumnSpec
 from tq_loader.codec_objects import numpy_enc_hook, numpy_ext_hook
 from tq_loader.errors import ProtocolError
 from tq_loader.schema import FieldSchema
+from tq_loader.stats import ControllerStats, UnitStats
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -202,8 +203,8 @@ class ReportLost(_Msg):
 
     unit: int
     num_units: int
+    stripe_rows: int  # no default: a sender must say how the cluster stripes (a wrong guess drops wrong rows)
     reason: str = ""
-    stripe_rows: int = 1
 
 
 class ExportState(_Msg):
@@ -343,8 +344,18 @@ class KVListReply(_Msg):
     partitions: dict[str, dict[str, Any]]  # pid -> {"keys": [...], "tags": [...]}
 
 
-class StatsReply(_Msg):
-    stats: dict[str, Any]
+class ControllerStatsReply(_Msg):
+    stats: ControllerStats
+
+
+class UnitStatsReply(_Msg):
+    stats: UnitStats
+
+
+class LostReply(_Msg):
+    """What ``ReportLost`` dropped."""
+
+    lost_rows: int
 
 
 class StateReply(_Msg):
@@ -365,7 +376,7 @@ Request = Union[
 ]  # fmt: skip
 Reply = Union[
     Ok, ClusterInfo, MetaReply, WriteReply, IdsReply, NamesReply, StatusReply, KVLookupReply,
-    KVListReply, StatsReply, StateReply, RowsReply,
+    KVListReply, ControllerStatsReply, UnitStatsReply, LostReply, StateReply, RowsReply,
 ]  # fmt: skip
 
 

@@ -48,6 +48,7 @@ from tq_loader.protocol import (
     decode_reply,
     encode,
 )
+from tq_loader.stats import ServerStats
 
 __all__ = ["Connection", "Handler", "RequestContext", "Server", "check_bind", "is_loopback"]
 
@@ -313,8 +314,8 @@ class Server:
             self._sock.close(linger=0)
             self._sock = None
 
-    def statistics(self) -> dict[str, Any]:
-        return {"address": self.address, **vars(self.stats)}
+    def statistics(self) -> ServerStats:
+        return ServerStats(address=self.address, **vars(self.stats))
 
 
 class Connection:

@@ -14,6 +14,7 @@ import numpy as np
 from tq_loader.controller.snapshot import PartitionSnapshot, from_snapshot, snapshot
 from tq_loader.controller.state import PartitionState, RowIdAllocator
 from tq_loader.errors import NotFoundError, ProtocolError, SchemaError, TQError
+from tq_loader.stats import RegistryStats
 
 __all__ = ["STATE_VERSION", "ControllerSnapshot", "ControllerState"]
 
@@ -84,13 +85,13 @@ class ControllerState:
         """Partition ids in creation order."""
         return list(self._partitions)
 
-    def statistics(self) -> dict[str, Any]:
-        """Plain-dict snapshot of every partition plus allocator position."""
-        return {
-            "num_partitions": len(self._partitions),
-            "next_row_id": self.allocator.next_id,
-            "partitions": {pid: state.statistics() for pid, state in self._partitions.items()},
-        }
+    def statistics(self) -> RegistryStats:
+        """A snapshot of every partition plus the allocator's position."""
+        return RegistryStats(
+            num_partitions=len(self._partitions),
+            next_row_id=self.allocator.next_id,
+            partitions={pid: state.statistics() for pid, state in self._partitions.items()},
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def export_state(self) -> dict[str, Any]:

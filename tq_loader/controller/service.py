@@ -23,7 +23,6 @@ what is complete, then end-of-stream.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +37,7 @@ from tq_loader.errors import ClosedError, NotFoundError, ProtocolError, SchemaEr
 from tq_loader.metadata import BatchMeta
 from tq_loader.samplers import BaseSampler, SeqlenBalancedSampler, make_sampler
 from tq_loader.samplers.rounds import Round, RoundLedger
+from tq_loader.stats import ControllerStats
 from tq_loader.transport import RequestContext
 
 __all__ = ["ControllerService"]
@@ -289,7 +289,7 @@ class ControllerService:
         self._notify(req.partition_id)
         return p.Ok()
 
-    def _report_lost(self, ctx: RequestContext, req: p.ReportLost) -> p.StatsReply:
+    def _report_lost(self, ctx: RequestContext, req: p.ReportLost) -> p.LostReply:
         """Drop every live row of a dead unit: lost rows are reported, never served."""
         from tq_loader.striping import check_stripe_rows, unit_of  # the manager's own rule
 
@@ -304,10 +304,10 @@ class ControllerService:
             self._notify(pid)
         self._served["lost_rows"] += lost
         self.lost_units[req.unit] = req.reason or "unreachable"
-        return p.StatsReply(stats={"lost_rows": lost})
+        return p.LostReply(lost_rows=lost)
 
-    def _stats(self, ctx: RequestContext, req: p.Stats) -> p.StatsReply:
-        return p.StatsReply(stats=self.statistics())
+    def _stats(self, ctx: RequestContext, req: p.Stats) -> p.ControllerStatsReply:
+        return p.ControllerStatsReply(stats=self.statistics())
 
     def _export_state(self, ctx: RequestContext, req: p.ExportState) -> p.StateReply:
         return p.StateReply(state=self.state.export_state())
@@ -329,14 +329,14 @@ class ControllerService:
             self._notify(pid)  # waiters re-check against the imported state
         return p.Ok()
 
-    def statistics(self) -> dict[str, Any]:
-        return {
-            "partitions": self.state.statistics(),
-            "waiting_requests": self._waiting,
-            "lost_units": {str(k): v for k, v in self.lost_units.items()},
-            "rounds": dataclasses.asdict(self.ledger.statistics()),
+    def statistics(self) -> ControllerStats:
+        return ControllerStats(
+            partitions=self.state.statistics(),
+            waiting_requests=self._waiting,
+            lost_units={str(k): v for k, v in self.lost_units.items()},
+            rounds=self.ledger.statistics(),
             **self._served,
-        }
+        )
 
     # ------------------------------------------------------------------ get_meta
     async def _get_meta(self, ctx: RequestContext, req: p.GetMeta) -> p.MetaReply:

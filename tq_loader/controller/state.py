@@ -30,6 +30,7 @@ import numpy as np
 
 from tq_loader.errors import ClosedError, NotFoundError, SchemaError
 from tq_loader.schema import FieldSchema
+from tq_loader.stats import PartitionStats
 
 __all__ = ["PartitionState", "RowIdAllocator"]
 
@@ -562,22 +563,22 @@ class PartitionState:
         return keys, ids
 
     # ------------------------------------------------------------------ statistics
-    def statistics(self) -> dict[str, Any]:
-        """A plain-dict snapshot: row counts, per-field produced and per-task consumed counts, flags, bytes."""
+    def statistics(self) -> PartitionStats:
+        """A snapshot: row counts, per-field produced and per-task consumed counts, flags, bytes."""
         n = self._n
         produced = np.count_nonzero(self._prod[:n], axis=0) if n else np.zeros(self._prod.shape[1], int)
         nbytes = self._ids.nbytes + self._live.nbytes + self._prod.nbytes
         nbytes += sum(vec.nbytes for vec in self._consumed.values())
-        return {
-            "partition_id": self.partition_id,
-            "rows_live": self._n_live,
-            "rows_cleared": self._n_cleared,
-            "fields": {name: int(produced[col]) for name, col in self._fields.items()},
-            "tasks": {task: int(np.count_nonzero(vec[:n])) for task, vec in self._consumed.items()},
-            "keys": len(self._key_to_id),
-            "tagged_rows": len(self._tags),
-            "abandoned_rows": self.abandoned_rows,
-            "sealed": self.sealed,
-            "aborted": self.aborted,
-            "bytes": int(nbytes),
-        }
+        return PartitionStats(
+            partition_id=self.partition_id,
+            rows_live=self._n_live,
+            rows_cleared=self._n_cleared,
+            fields={name: int(produced[col]) for name, col in self._fields.items()},
+            tasks={task: int(np.count_nonzero(vec[:n])) for task, vec in self._consumed.items()},
+            keyed_rows=len(self._key_to_id),
+            tagged_rows=len(self._tags),
+            abandoned_rows=self.abandoned_rows,
+            sealed=self.sealed,
+            aborted=self.aborted,
+            bytes=int(nbytes),
+        )

@@ -25,6 +25,7 @@ import numpy as np
 
 from tq_loader.errors import NotFoundError
 from tq_loader.samplers.base import IndexLike, as_index_array, check_positive
+from tq_loader.stats import RoundStats
 
 __all__ = ["LedgerKey", "LedgerStatistics", "Round", "RoundLedger"]
 
@@ -92,18 +93,7 @@ class Round:
         return f"Round(dp_size={self.dp_size}, rows_per_rank={sizes}, end_of_stream={self.end_of_stream})"
 
 
-@dataclass(frozen=True)
-class LedgerStatistics:
-    """A snapshot of :meth:`RoundLedger.statistics`."""
-
-    keys: int
-    rounds: int
-    capacity_rounds: int
-    puts: int
-    hits: int
-    misses: int
-    evictions: int
-    evicted_lookups: int
+LedgerStatistics = RoundStats  # the snapshot of RoundLedger.statistics()
 
 
 class RoundLedger:

@@ -22,6 +22,7 @@ from tq_loader.batch import PreparedBatch
 from tq_loader.channel import Channel
 from tq_loader.errors import DataLostError, NotFoundError
 from tq_loader.metadata import BatchMeta
+from tq_loader.stats import StorageStats
 
 __all__ = [
     "ChannelFactory",
@@ -91,8 +92,9 @@ class StorageManager(ABC):
         """Free everything stored for a partition."""
 
     @abstractmethod
-    async def statistics(self) -> dict[str, Any]:
-        """A snapshot of the backend's counters (plain data)."""
+    async def statistics(self) -> StorageStats | dict[str, Any]:
+        """A snapshot of the backend's counters: a :class:`~tq_loader.stats.StorageStats` (or a plain
+        dict with its keys -- ``backend``, ``rows``, ``services``...; the client core types it)."""
 
     def take_lost(self) -> list[StorageLost]:
         """Losses found outside a data call (e.g. by :meth:`statistics`), each returned once; the

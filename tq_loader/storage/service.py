@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 import numpy as np
 import torch
 
@@ -22,6 +23,7 @@ from tq_loader.codec import decode_columns, encode_columns
 from tq_loader.errors import CapacityError, ProtocolError
 from tq_loader.schema import FieldSchema
 from tq_loader.shm import ArenaMap, SegmentInfo
+from tq_loader.stats import UnitStats
 from tq_loader.storage.columns import torch_dtype
 from tq_loader.storage.export import encode_export
 from tq_loader.storage.unit import SimpleStorageUnit
@@ -195,14 +197,16 @@ class StorageUnitService:
         return encode_export(*self.unit.export(req.partition_id))
 
     async def _stats(self, ctx: RequestContext, req: p.Stats, buffers: list[memoryview]) -> tuple[Any, list]:
-        stats = self.unit.statistics()
-        stats["service"] = {"puts_waiting": self._waiting, "capacity_errors": self._capacity_errors}
-        self.arenas.prune()
-        stats["shared_memory"] = self.arenas.statistics()
-        return p.StatsReply(stats=stats), []
+        return p.UnitStatsReply(stats=self.statistics()), []
 
-    def statistics(self) -> dict[str, Any]:
-        return {**self.unit.statistics(), "service": {"puts_waiting": self._waiting}}
+    def statistics(self) -> UnitStats:
+        """The unit's snapshot plus this service's own counters (waiting puts, shared memory)."""
+        self.arenas.prune()
+        return msgspec.structs.replace(
+            self.unit.statistics(),
+            service={"puts_waiting": self._waiting, "capacity_errors": self._capacity_errors},
+            shared_memory=self.arenas.statistics(),
+        )
 
 
 def _output_view(buf: memoryview, schema: FieldSchema, name: str) -> torch.Tensor:

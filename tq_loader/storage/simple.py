@@ -27,6 +27,7 @@ from tq_loader.codec import decode_columns, encode_columns, to_tensordict
 from tq_loader.errors import DataLostError, NotFoundError, SchemaError, TQConnectionError
 from tq_loader.metadata import BatchMeta, schema_of
 from tq_loader.schema import FieldSchema
+from tq_loader.stats import StorageStats
 from tq_loader.storage.base import BackendInfo, StorageLost, StorageManager, register_storage_manager
 from tq_loader.storage.columns import assemble, take_rows, target_kind, torch_dtype
 from tq_loader.storage.export import decode_export
@@ -292,7 +293,7 @@ class SimpleStorageManager(StorageManager):
     async def close(self) -> None:
         await self.shm.close()
 
-    async def statistics(self) -> dict[str, Any]:
+    async def statistics(self) -> StorageStats:
         results = await asyncio.gather(
             *(self._request(u, p.Stats()) for u in range(len(self.addresses))), return_exceptions=True
         )
@@ -304,13 +305,13 @@ class SimpleStorageManager(StorageManager):
                 units[address] = {"error": f"{type(result).__name__}: {result}"}
             else:
                 units[address] = result[0].stats
-        return {
-            "backend": self.name,
-            "num_units": len(self.addresses),
-            "stripe_rows": self.stripe_rows,
-            "rows": sum(u.get("rows", 0) for u in units.values()),
-            "units": units,
-        }
+        return StorageStats(
+            backend=self.name,
+            num_units=len(self.addresses),
+            stripe_rows=self.stripe_rows,
+            rows=sum(u.get("rows", 0) for u in units.values()),
+            units=units,
+        )
 
 
 def _is_dense(schema: FieldSchema | None) -> bool:

@@ -27,6 +27,7 @@ import torch
 from tq_loader.errors import CapacityError, NotFoundError, SchemaError
 from tq_loader.metadata import schema_of
 from tq_loader.schema import FieldSchema
+from tq_loader.stats import UnitStats
 from tq_loader.storage.columns import num_rows, target_kind, torch_dtype
 from tq_loader.storage.stores import Column, NestedColumn, make_column
 
@@ -392,7 +393,7 @@ class SimpleStorageUnit:
         part = self._parts.get(partition_id)
         return {} if part is None else {name: col.schema for name, col in part.columns.items()}
 
-    def statistics(self) -> dict[str, Any]:
+    def statistics(self) -> UnitStats:
         """A snapshot: rows, capacity, per-partition per-field rows/bytes, request and byte counters."""
         parts: dict[str, Any] = {}
         for pid, part in self._parts.items():
@@ -406,16 +407,16 @@ class SimpleStorageUnit:
                 "index_capacity": part.index.capacity,  # <= max(16, 2 x most rows held): see _IdIndex
                 "fields": fields,
             }
-        return {
-            "rows": self.rows,
-            "capacity_rows": self.capacity_rows,
-            "free_rows": self.free_rows,
-            "bytes": sum(f["bytes"] or 0 for p in parts.values() for f in p["fields"].values()),
-            "partitions": parts,
-            "requests": dict(self._requests),
-            "bytes_in": self._bytes["in"],
-            "bytes_out": self._bytes["out"],
-        }
+        return UnitStats(
+            rows=self.rows,
+            capacity_rows=self.capacity_rows,
+            free_rows=self.free_rows,
+            bytes=sum(f["bytes"] or 0 for p in parts.values() for f in p["fields"].values()),
+            partitions=parts,
+            requests=dict(self._requests),
+            bytes_in=self._bytes["in"],
+            bytes_out=self._bytes["out"],
+        )
 
 
 def _ids(ids: Any) -> np.ndarray:
