@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from tq_loader.errors import NotFoundError, ProtocolError, SchemaError
+from tq_loader.ids import int_vector
 from tq_loader.schema import FieldSchema, normalize_schema
 
 _WIRE_VERSION = 1
@@ -43,14 +44,7 @@ def _frozen(arr: np.ndarray) -> np.ndarray:
 
 def _int_array(values: Any, what: str, dtype: type = np.int64, kinds: str = "iu") -> np.ndarray:
     """A fresh 1-D integer array from a list/array/tensor, refusing floats (and bools unless allowed)."""
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().numpy()
-    arr = np.array(values)
-    if arr.ndim != 1:
-        raise SchemaError(f"{what} must be 1-D, got shape {arr.shape}")
-    if arr.size and arr.dtype.kind not in kinds:
-        raise SchemaError(f"{what} must be integers, got dtype {arr.dtype}")
-    return arr.astype(dtype, copy=False)
+    return int_vector(values, what, dtype, kinds, copy=True)
 
 
 def _chunk_slices(size: int, chunks: int) -> list[slice]:

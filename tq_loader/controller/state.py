@@ -29,6 +29,7 @@ import msgspec
 import numpy as np
 
 from tq_loader.errors import ClosedError, NotFoundError, SchemaError
+from tq_loader.ids import as_ids as _as_ids
 from tq_loader.schema import FieldSchema
 from tq_loader.stats import PartitionStats
 
@@ -72,16 +73,6 @@ class RowIdAllocator:
 def _show(ids: np.ndarray) -> str:
     shown = ", ".join(str(int(i)) for i in ids[:_SHOW_IDS])
     return shown + (f" and {ids.size - _SHOW_IDS} more" if ids.size > _SHOW_IDS else "")
-
-
-def _as_ids(global_ids: Any) -> np.ndarray:
-    """Global ids as a flat int64 array (lists, tuples, numpy arrays; no tensors at this layer)."""
-    arr = np.asarray(global_ids)
-    if arr.size == 0:
-        return np.empty(0, dtype=np.int64)
-    if arr.dtype.kind not in "iu":
-        raise SchemaError(f"global ids must be integers, got dtype {arr.dtype}")
-    return arr.astype(np.int64, copy=False).reshape(-1)
 
 
 class PartitionState:

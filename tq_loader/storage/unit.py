@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from tq_loader.errors import CapacityError, NotFoundError, SchemaError
+from tq_loader.ids import as_ids as _ids
 from tq_loader.metadata import schema_of
 from tq_loader.schema import FieldSchema
 from tq_loader.stats import UnitStats
@@ -417,15 +418,6 @@ class SimpleStorageUnit:
             bytes_in=self._bytes["in"],
             bytes_out=self._bytes["out"],
         )
-
-
-def _ids(ids: Any) -> np.ndarray:
-    if isinstance(ids, torch.Tensor):
-        ids = ids.detach().cpu().numpy()
-    arr = np.asarray(ids)
-    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
-        raise SchemaError(f"global indexes must be a 1-D integer array, got shape {arr.shape} {arr.dtype}")
-    return arr.astype(np.int64, copy=False)
 
 
 def _tensor_bytes(value: Any) -> int:
