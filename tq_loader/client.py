@@ -215,10 +215,55 @@ class AsyncClient:
         )
         wait = args.timeout("timeout", timeout)
         started = time.monotonic()
-        reply: p.MetaReply = await self._call(req, timeout=wait)
+        reply: p.MetaReply = await self._waiting_call(req, wait)
         self._stats["get_meta_calls"] += 1
         self._stats_time["get_meta_wait_s"] += time.monotonic() - started
         return BatchMeta.from_wire(reply.meta)
+
+    async def _waiting_call(self, req: p.GetMeta, timeout: float | None) -> Any:
+        """A ``get_meta`` that may wait: never in silence. While it waits, say at INFO -- after 2 s,
+        then at a doubling interval -- what it waits for; warn once if nobody ever wrote the
+        partition or one of the fields (a typo waits forever otherwise)."""
+        call = asyncio.ensure_future(self._call(req, timeout=timeout))
+        if req.mode != "fetch" or self.config.wait_log_after is None:
+            return await call
+        interval, started, told = self.config.wait_log_after, time.monotonic(), False
+        while True:
+            done, _ = await asyncio.wait({call}, timeout=interval)
+            if done:
+                return call.result()
+            told = await self._log_wait(req, time.monotonic() - started, told)
+            interval *= 2
+
+    async def _log_wait(self, req: p.GetMeta, waited: float, told: bool) -> bool:
+        try:
+            stats: p.ControllerStatsReply = await self._call(p.Stats())
+        except TQError:  # the wait is what matters; a failed look at the status is no reason to fail it
+            return told
+        part = stats.stats.partitions.partitions.get(req.partition_id)
+        rows = 0 if part is None else part.rows_live
+        have = {} if part is None else part.fields
+        ready = min((have.get(f, 0) for f in req.data_fields), default=0)
+        log.info(
+            "get_meta has waited %.1fs for %d rows of %s in partition %r (task %r): at most %d of its %d "
+            "rows have all these fields, partition %s; pass timeout= to bound the wait",
+            waited, req.batch_size, req.data_fields, req.partition_id, req.task_name, ready, rows,
+            "sealed" if part is not None and part.sealed else "not sealed (producers may still write)",
+        )  # fmt: skip
+        if told:
+            return True
+        if part is None or (part.rows_live == 0 and part.rows_cleared == 0):
+            known = [pid for pid, q in stats.stats.partitions.partitions.items() if q.rows_live]
+            log.warning(
+                "get_meta waits on partition %r, which nobody has written yet: check its name (partitions "
+                "with rows: %s)", req.partition_id, known,
+            )  # fmt: skip
+        elif never := [f for f in req.data_fields if have.get(f, 0) == 0]:
+            log.warning(
+                "get_meta waits on fields %s of partition %r that no row has ever had (it has %s): check "
+                "their names", never, req.partition_id, sorted(have),
+            )  # fmt: skip
+        return True
 
     async def async_create_partition(self, partition_id: str) -> None:
         await self._call(p.CreatePartition(partition_id=args.name("partition_id", partition_id)))

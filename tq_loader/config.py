@@ -79,6 +79,9 @@ class ClientConfig:
     connect_timeout: float = 10.0
     # call services hosted by this very process directly (no socket); False: always ZMQ (tests)
     in_process: bool = True
+    # a waiting get_meta logs what it waits for after this many seconds, then at doubling intervals
+    # (None: never)
+    wait_log_after: float | None = 2.0
 
 
 @dataclass
