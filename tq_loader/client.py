@@ -228,12 +228,16 @@ class AsyncClient:
         if req.mode != "fetch" or self.config.wait_log_after is None:
             return await call
         interval, started, told = self.config.wait_log_after, time.monotonic(), False
-        while True:
-            done, _ = await asyncio.wait({call}, timeout=interval)
-            if done:
-                return call.result()
-            told = await self._log_wait(req, time.monotonic() - started, told)
-            interval *= 2
+        try:
+            while True:
+                done, _ = await asyncio.wait({call}, timeout=interval)
+                if done:
+                    return call.result()
+                told = await self._log_wait(req, time.monotonic() - started, told)
+                interval *= 2
+        except BaseException:
+            call.cancel()  # the caller gave up (cancelled, closed): the server stops serving it
+            raise
 
     async def _log_wait(self, req: p.GetMeta, waited: float, told: bool) -> bool:
         try:
