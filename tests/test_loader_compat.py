@@ -505,3 +505,11 @@ def test_exhausted_probes_the_end_without_losing_a_batch(client: Any, pid: str) 
     client.seal(pid)
     assert loader.exhausted()
     assert drain(loader) == [] and loader.statistics()["end_of_stream"] is True
+
+
+def test_transferqueues_retry_interval_variable_is_said_to_have_no_effect(
+    monkeypatch: pytest.MonkeyPatch, fresh_warnings: None
+) -> None:
+    monkeypatch.setenv("TQ_STREAMING_DATASET_EMPTY_BATCH_SLEEP_INTERVAL", "5")
+    with pytest.warns(UserWarning, match=r"no effect.*StreamingDataset\(timeout="):
+        dataset("p", 4)

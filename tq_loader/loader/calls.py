@@ -17,19 +17,42 @@
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from tq_loader._meta_util import warn_once
 from tq_loader.errors import ClosedError, TQTimeoutError
 from tq_loader.loader.waiting import WaitLog, WaitTarget, describe_wait
 from tq_loader.metadata import BatchMeta
 
-__all__ = ["FIRST_PAUSE_S", "MAX_PAUSE_S", "LoaderClosed", "MetaCalls", "Pauses", "earliest"]
+__all__ = [
+    "FIRST_PAUSE_S",
+    "MAX_PAUSE_S",
+    "LoaderClosed",
+    "MetaCalls",
+    "Pauses",
+    "earliest",
+    "warn_tq_sleep_env",
+]
 
 FIRST_PAUSE_S = 0.01
 MAX_PAUSE_S = 1.0
+TQ_SLEEP_ENV = "TQ_STREAMING_DATASET_EMPTY_BATCH_SLEEP_INTERVAL"  # TransferQueue's knob, not honoured
+
+
+def warn_tq_sleep_env() -> None:
+    """Say once that TransferQueue's retry-interval variable has no effect here (and what does)."""
+    if TQ_SLEEP_ENV in os.environ:
+        warn_once(
+            ("StreamingDataset", TQ_SLEEP_ENV),
+            f"{TQ_SLEEP_ENV} is TransferQueue's and has no effect: in polling mode tq_loader retries after "
+            f"{FIRST_PAUSE_S * 1000:.0f} ms, doubling up to {MAX_PAUSE_S:.0f} s; bound the wait with "
+            "StreamingDataset(timeout=...)",
+            stacklevel=4,
+        )
 
 
 class LoaderClosed(Exception):

@@ -22,8 +22,6 @@ breaking early follows the same rule. TransferQueue's ``step(partition_id)``, ``
 
 from __future__ import annotations
 
-import itertools
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -41,7 +39,7 @@ from tq_loader.loader.collate import passthrough
 from tq_loader.loader.dataset import StreamingDataset
 from tq_loader.loader.identity import ResumeStateError, check_resume, cluster_identity
 from tq_loader.loader.length import stream_length
-from tq_loader.loader.nodes import BatchPlanner, FetchedBatch, MicroBatches
+from tq_loader.loader.nodes import BatchPlanner, FetchedBatch, MicroBatches, WorkerInit, stop_threads
 from tq_loader.loader.options import UNSET, check_torch_options, effective_pin_memory
 from tq_loader.metadata import BatchMeta
 
@@ -105,7 +103,7 @@ class StreamingDataLoader(DataLoader):
         self._prefetch = max(1, prefetch_factor if prefetch_factor is not None else 2)
         self._pin = effective_pin_memory(pin_memory)
         self._wait_timeout = float(timeout) if timeout else None
-        self._worker_init = _WorkerInit(worker_init_fn, persistent_workers)
+        self._worker_init = WorkerInit(worker_init_fn, persistent_workers)
         self.node_builders = list(nodes)
         self._next_batch, self._skip_micro = dataset.start_batch_index, 0
         self._generation = dataset.generation
@@ -285,7 +283,7 @@ class StreamingDataLoader(DataLoader):
         if calls is not None:
             calls.cancel()
         if loader is not None:
-            _stop_threads(loader.root)
+            stop_threads(loader.root)
 
     def exhausted(self) -> bool:
         """Whether the stream has ended at this loader's position (nothing more would be delivered).
@@ -379,35 +377,6 @@ class StreamingDataLoader(DataLoader):
         return Writer(partition_id or self.dataset.partition_id, **kwargs)
 
 
-class _WorkerInit:
-    """Runs ``worker_init_fn(worker_id)`` on each worker thread before its first fetch.
-
-    Ids ``0 .. num_workers-1`` per iteration; with ``persistent_workers`` each id only once per
-    loader (torch's persistent worker processes are initialised once).
-    """
-
-    def __init__(self, fn: Callable[[int], None] | None, persistent: bool) -> None:
-        self.fn, self.persistent = fn, persistent
-        self._local = threading.local()
-        self._ids = itertools.count()
-        self._initialised: set[int] = set()
-        self._generation = 0
-
-    def new_iteration(self) -> None:
-        self._ids = itertools.count()
-        self._generation += 1
-
-    def __call__(self) -> None:
-        if self.fn is None or getattr(self._local, "generation", None) == self._generation:
-            return
-        self._local.generation = self._generation
-        worker_id = next(self._ids)
-        if self.persistent and worker_id in self._initialised:
-            return
-        self._initialised.add(worker_id)
-        self.fn(worker_id)
-
-
 def _nbytes(td: TensorDictBase) -> int:
     """Bytes of a micro-batch's tensors (tensordict's ``bytes()`` refuses strided nested tensors)."""
     try:
@@ -419,29 +388,6 @@ def _nbytes(td: TensorDictBase) -> int:
                 parts = value.unbind(0) if value.is_nested else (value,)
                 total += sum(p.numel() * p.element_size() for p in parts)
         return total
-
-
-def _stop_threads(root: BaseNode) -> None:
-    """Stop the threads of a graph now, innermost first.
-
-    torchdata stops a node's threads only when the node is garbage-collected -- possibly on one
-    of those very threads ("cannot join current thread") or much later. Its iterators expose a
-    ``_shutdown()`` (torchdata 0.11); nodes without one are left to the garbage collector.
-    """
-    found: list[Any] = []
-    seen: set[int] = set()
-    stack: list[Any] = [root]
-    while stack:
-        obj = stack.pop()
-        if obj is None or id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        found.append(obj)
-        stack.extend(getattr(obj, name, None) for name in ("source", "_it"))
-    for obj in reversed(found):  # a node's inner nodes were found after it
-        shutdown = getattr(obj, "_shutdown", None)
-        if callable(shutdown):
-            shutdown()
 
 
 def _find_meta(item: Any) -> BatchMeta:

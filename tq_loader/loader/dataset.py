@@ -32,7 +32,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from tq_loader.errors import TQTimeoutError
 from tq_loader.loader.batching import chunk_batch_fn, default_fetch_batch_fn, meta_options, meta_request
 from tq_loader.loader.buffer import BatchBuffer
-from tq_loader.loader.calls import LoaderClosed, MetaCalls, Pauses, earliest
+from tq_loader.loader.calls import LoaderClosed, MetaCalls, Pauses, earliest, warn_tq_sleep_env
 from tq_loader.loader.nodes import FetchedBatch
 from tq_loader.loader.ranks import resolve_ranks
 from tq_loader.loader.waiting import WaitTarget
@@ -89,6 +89,7 @@ class StreamingDataset(IterableDataset):
         if timeout is not None and timeout < 0:
             raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout}")
         self.ranks = resolve_ranks(dp_rank, dp_size)
+        warn_tq_sleep_env()
         self.config = config
         self.batch_size, self.micro_batch_size = int(batch_size), int(micro_batch_size)
         self.data_fields, self.partition_id, self.task_name = fields, partition_id, task_name

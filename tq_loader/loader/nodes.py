@@ -16,6 +16,8 @@ ledger hands out the very same rows (exactly once across a restart).
 
 from __future__ import annotations
 
+import itertools
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +27,7 @@ from torchdata.nodes import BaseNode
 
 from tq_loader.metadata import BatchMeta
 
-__all__ = ["BatchPlanner", "FetchedBatch", "MicroBatches"]
+__all__ = ["BatchPlanner", "FetchedBatch", "MicroBatches", "WorkerInit", "stop_threads"]
 
 
 @dataclass
@@ -115,3 +117,55 @@ class MicroBatches(BaseNode[tuple[TensorDict, BatchMeta]]):
 
     def get_state(self) -> dict[str, Any]:
         return {"source": self.source.state_dict(), "skip": self._to_skip}
+
+
+class WorkerInit:
+    """Runs ``worker_init_fn(worker_id)`` on each worker thread before its first fetch.
+
+    Ids ``0 .. num_workers-1`` per iteration; with ``persistent_workers`` each id only once per
+    loader (torch's persistent worker processes are initialised once).
+    """
+
+    def __init__(self, fn: Callable[[int], None] | None, persistent: bool) -> None:
+        self.fn, self.persistent = fn, persistent
+        self._local = threading.local()
+        self._ids = itertools.count()
+        self._initialised: set[int] = set()
+        self._generation = 0
+
+    def new_iteration(self) -> None:
+        self._ids = itertools.count()
+        self._generation += 1
+
+    def __call__(self) -> None:
+        if self.fn is None or getattr(self._local, "generation", None) == self._generation:
+            return
+        self._local.generation = self._generation
+        worker_id = next(self._ids)
+        if self.persistent and worker_id in self._initialised:
+            return
+        self._initialised.add(worker_id)
+        self.fn(worker_id)
+
+
+def stop_threads(root: BaseNode) -> None:
+    """Stop the threads of a graph now, innermost first.
+
+    torchdata stops a node's threads only when the node is garbage-collected -- possibly on one
+    of those very threads ("cannot join current thread") or much later. Its iterators expose a
+    ``_shutdown()`` (torchdata 0.11); nodes without one are left to the garbage collector.
+    """
+    found: list[Any] = []
+    seen: set[int] = set()
+    stack: list[Any] = [root]
+    while stack:
+        obj = stack.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        found.append(obj)
+        stack.extend(getattr(obj, name, None) for name in ("source", "_it"))
+    for obj in reversed(found):  # a node's inner nodes were found after it
+        shutdown = getattr(obj, "_shutdown", None)
+        if callable(shutdown):
+            shutdown()
