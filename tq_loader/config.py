@@ -71,6 +71,11 @@ class RayConfig:
     name: str = "tq_loader"  # controller actor is "<name>_controller", units "<name>_unit_<i>"
     placement_strategy: str = "SPREAD"
     num_cpus: float = 0.0  # service actors need no whole CPU (they mostly wait on sockets)
+    # storage units only on nodes that offer this Ray custom resource (None: any node); TransferQueue's
+    # backend.SimpleStorage.required_node_resource
+    unit_resource: str | None = None
+    # the controller only on a node that offers this Ray custom resource (one that stays, e.g. the head)
+    controller_resource: str | None = None
 
 
 @dataclass

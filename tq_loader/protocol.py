@@ -238,6 +238,7 @@ class ArenaSegment(msgspec.Struct, frozen=True, array_like=True):
     nbytes: int
     token: bytes
     boot_id: str
+    node_id: str = ""  # the client's Ray node, when it runs under Ray
 
 
 class AttachSegment(_Msg):

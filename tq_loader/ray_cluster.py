@@ -17,11 +17,13 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from tq_loader.config import TQConfig, resolve_config
 from tq_loader.errors import TQConnectionError
+from tq_loader.transport import check_bind
 
 __all__ = ["ClusterRegistry", "RayCluster", "find_cluster", "find_controller_address", "publish_cluster"]
 
 _MIN_CPU = 0.001  # Ray bundles must ask for something; this is "no real CPU"
-_STOP_TIMEOUT = 10.0  # seconds to wait for services to stop cleanly before their actors are killed
+_STOP_TIMEOUT = 10.0
+_SCHEDULE_TIMEOUT = 60.0  # seconds for Ray to place the storage units before init gives up  # seconds to wait for services to stop cleanly before their actors are killed
 
 
 @ray.remote
@@ -32,12 +34,17 @@ class ServiceActor:
         from tq_loader.hosting import start_controller, start_storage_unit
 
         self.config = resolve_config(config)
+        if self.config.host == "node":  # bind where other nodes can reach this one (needs auth_token)
+            self.config.host = ray.util.get_node_ip_address()
         self.host = (
             start_controller(self.config) if kind == "controller" else start_storage_unit(self.config, index)
         )
 
     def address(self) -> str:
         return self.host.address
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
     def publish_layout(self, unit_addresses: list[str]) -> None:
         from tq_loader.hosting import publish_layout
@@ -96,7 +103,9 @@ def publish_cluster(config: TQConfig, address: str, *, compat_name: bool = False
     actors = []
     for name, namespace in names:
         try:
-            actors.append(ClusterRegistry.options(name=name, namespace=namespace, lifetime=None).remote(entry))
+            actors.append(
+                ClusterRegistry.options(name=name, namespace=namespace, lifetime=None).remote(entry)
+            )
         except ValueError:  # another process of the job published first: its cluster is the one
             continue
     return actors
@@ -112,17 +121,16 @@ def find_cluster(config: TQConfig) -> tuple[str, str | None] | None:
     if not ray.is_initialized():
         return None
     try:
-        actor = ray.get_actor(_controller_name(config), namespace=config.ray.namespace)
-    except ValueError:
-        pass
-    else:
-        return ray.get(actor.address.remote()), config.auth_token
-    try:
         registry = ray.get_actor(_registry_name(config), namespace=config.ray.namespace)
     except ValueError:
-        return None
+        try:  # a Ray placement whose owner did not announce it (an older owner): the controller actor
+            actor = ray.get_actor(_controller_name(config), namespace=config.ray.namespace)
+        except ValueError:
+            return None
+        return ray.get(actor.address.remote()), config.auth_token
     entry = ray.get(registry.lookup.remote())
-    if entry["placement"] != "ray" and entry["host"] != _this_host():
+    other_node = entry["host"] != _this_host() or entry["node_id"] != ray.get_runtime_context().get_node_id()
+    if entry["placement"] != "ray" and other_node:
         raise TQConnectionError(
             f"the cluster of this Ray job runs embedded in a process on another node ({entry['address']} is "
             "that node's loopback); start it with placement: ray (tq.init({'placement': 'ray'})) so its "
@@ -146,14 +154,29 @@ class RayCluster:
 
     @classmethod
     def create(cls, config: TQConfig) -> RayCluster:
+        check_bind(config.host, config.auth_token, "tq_loader on Ray")  # before any actor starts
         if not ray.is_initialized():
             ray.init(include_dashboard=False, namespace=config.ray.namespace, log_to_driver=False)
         cpus = max(config.ray.num_cpus, _MIN_CPU)
         conf = config.to_dict()
-        pg = placement_group(
-            [{"CPU": cpus}] * config.storage.num_units, strategy=config.ray.placement_strategy
-        )
-        ray.get(pg.ready())
+        bundle: dict[str, float] = {"CPU": cpus}
+        if config.ray.unit_resource:
+            bundle[config.ray.unit_resource] = _MIN_CPU  # only nodes that offer it hold units
+        pg = placement_group([bundle] * config.storage.num_units, strategy=config.ray.placement_strategy)
+        try:
+            ray.get(pg.ready(), timeout=_SCHEDULE_TIMEOUT)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(pg)
+            need = (
+                f" on nodes with the custom resource {config.ray.unit_resource!r}"
+                if config.ray.unit_resource
+                else ""
+            )
+            raise TQConnectionError(
+                f"Ray could not place {config.storage.num_units} storage units{need} within "
+                f"{_SCHEDULE_TIMEOUT:.0f}s ({bundle} each, strategy {config.ray.placement_strategy}); start "
+                "nodes that offer it (ray start --resources=...), or lower storage.num_units"
+            ) from None
         actors: list[Any] = []
         try:  # a failed start (a name already taken, an actor that dies) leaves nothing behind
             for i in range(config.storage.num_units):
@@ -168,8 +191,9 @@ class RayCluster:
                     ).remote("storage", conf, i)
                 )
             units = list(actors)
+            pin = {config.ray.controller_resource: _MIN_CPU} if config.ray.controller_resource else None
             controller = ServiceActor.options(
-                name=_controller_name(config), namespace=config.ray.namespace, num_cpus=cpus
+                name=_controller_name(config), namespace=config.ray.namespace, num_cpus=cpus, resources=pin
             ).remote("controller", conf)
             actors.append(controller)
             unit_addresses = ray.get([u.address.remote() for u in units])

@@ -23,6 +23,7 @@ import contextlib
 import mmap
 import os
 import secrets
+import sys
 import threading
 import time
 import weakref
@@ -51,6 +52,18 @@ def boot_id() -> str:
         return ""
 
 
+def ray_node_id() -> str:
+    """This process's Ray node id when it runs under Ray (a driver or a worker), else ``""``: two Ray
+    nodes simulated on one host share a boot id but must not share memory as if they were one."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return ""
+    try:
+        return str(ray.get_runtime_context().get_node_id())
+    except Exception:
+        return ""
+
+
 def supported() -> bool:
     return hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd") and bool(boot_id())
 
@@ -65,6 +78,7 @@ class SegmentInfo:
     nbytes: int
     token: bytes
     boot_id: str
+    node_id: str = ""
 
 
 class _Segment:
@@ -84,7 +98,9 @@ class _Segment:
         self.free: list[tuple[int, int]] = [(_ALIGN, nbytes - _ALIGN)]  # (offset, length), sorted
 
     def info(self) -> SegmentInfo:
-        return SegmentInfo(self.index, os.getpid(), self.fd, self.nbytes, self.token, boot_id())
+        return SegmentInfo(
+            self.index, os.getpid(), self.fd, self.nbytes, self.token, boot_id(), ray_node_id()
+        )
 
     def take(self, nbytes: int) -> int | None:
         for i, (off, length) in enumerate(self.free):
@@ -217,6 +233,9 @@ class ArenaMap:
     def attach(self, arena: str, info: SegmentInfo) -> None:
         if info.boot_id != boot_id():
             raise TQConnectionError("shared memory: the client runs on another host")
+        mine = ray_node_id()
+        if info.node_id and mine and info.node_id != mine:
+            raise TQConnectionError("shared memory: the client runs on another Ray node")
         key = (arena, info.index)
         if key in self._maps:
             return

@@ -79,7 +79,7 @@ class StorageUnitService:
     ) -> tuple[Any, list]:
         self.arenas.prune()  # clients that died without detaching: their memory goes now
         seg = req.segment
-        info = SegmentInfo(seg.index, seg.pid, seg.fd, seg.nbytes, seg.token, seg.boot_id)
+        info = SegmentInfo(seg.index, seg.pid, seg.fd, seg.nbytes, seg.token, seg.boot_id, seg.node_id)
         self.arenas.attach(req.arena, info)
         return p.Ok(), []
 

@@ -57,13 +57,22 @@ class SharedMemoryPath:
             known = self._usable[unit] = await self._offer(unit)
         return known
 
+    def is_usable(self, unit: int) -> bool:
+        """What :meth:`usable` found, without asking (False until it was asked)."""
+        return bool(self._usable.get(unit))
+
     async def _offer(self, unit: int) -> bool:
         """Offer every segment the unit has not mapped yet; False if it cannot map them."""
+        arena = self.arena()
+        if not arena.segments():
+            arena.alloc(1)  # a first segment to offer: "it maps nothing" proves nothing
         done = self._offered.setdefault(unit, set())
         for info in self.arena().segments():
             if info.index in done:
                 continue
-            seg = p.ArenaSegment(info.index, info.pid, info.fd, info.nbytes, info.token, info.boot_id)
+            seg = p.ArenaSegment(
+                info.index, info.pid, info.fd, info.nbytes, info.token, info.boot_id, info.node_id
+            )
             try:
                 await self._request(unit, p.AttachSegment(arena=self.arena_id, segment=seg))
             except TQConnectionError as exc:

@@ -151,6 +151,7 @@ class SimpleStorageManager(StorageManager):
             region, slices = self.shm.stage(whole[1])
             await self.shm.prepare([u for u, m in modes.items() if m == "shm"])  # the region's segment
             staged = (region, slices)
+            modes = {u: "wire" if m == "shm" and not self.shm.is_usable(u) else m for u, m in modes.items()}
         sends = []
         for pid, unit, pos in groups:
             # local and shm units copy their rows out of the whole batch (positions); a wire unit
@@ -204,6 +205,7 @@ class SimpleStorageManager(StorageManager):
         outputs = self._outputs(fields, known, n, modes)  # units copy dense rows straight into these
         if outputs and "shm" in modes.values():
             await self.shm.prepare([u for u, m in modes.items() if m == "shm"])
+            modes = {u: "wire" if m == "shm" and not self.shm.is_usable(u) else m for u, m in modes.items()}
         into_schemas = {name: known[name] for name in outputs}
         requests = []
         for pid, unit, pos in groups:
