@@ -74,7 +74,7 @@ def _put_and_read(key: str) -> dict:
 
 
 def test_units_spread_over_the_store_nodes_and_workers_attach(nodes):
-    cluster, workers = nodes
+    tq.close()
     tq.init(CONF)
     try:
         head = ray.get_runtime_context().get_node_id()
