@@ -46,7 +46,7 @@ from tq_loader.errors import ArgumentError, ClosedError, DataLostError, NotFound
 from tq_loader.loop import LoopThread, shared_loop
 from tq_loader.metadata import BatchMeta
 from tq_loader.schema import FieldSchema
-from tq_loader.stats import ClientStats, ClusterStats, StorageStats
+from tq_loader.stats import ClientStats, ClusterStats, PartitionStats, StorageStats
 from tq_loader.storage import BackendInfo, StorageLost, StorageManager, make_storage_manager
 from tq_loader.transport import Connection
 
@@ -480,6 +480,19 @@ class AsyncClient:
         )
         return True
 
+    async def async_partition_info(self, partition_id: str) -> PartitionStats | None:
+        """One partition's counters and flags (rows live/cleared, fields produced, tasks consumed,
+        sealed, abandoned rows) without asking the storage; ``None`` for an unknown partition."""
+        reply: p.PartitionInfoReply = await self._call(
+            p.PartitionInfo(partition_id=args.name("partition_id", partition_id))
+        )
+        return reply.stats
+
+    async def async_next_row_id(self) -> int:
+        """The next global row id the controller hands out (ids are never reused)."""
+        reply: p.PartitionInfoReply = await self._call(p.PartitionInfo())
+        return reply.next_row_id
+
     # ------------------------------------------------------------------ streams
     async def async_seal(self, partition_id: str) -> None:
         """No new rows in ``partition_id``: consumers drain it and their streams end."""
@@ -758,6 +771,8 @@ class Client:
     )
     reset_consumption, async_reset_consumption = _sync(AsyncClient.async_reset_consumption)
     seal, async_seal = _sync(AsyncClient.async_seal)
+    partition_info, async_partition_info = _sync(AsyncClient.async_partition_info)
+    next_row_id, async_next_row_id = _sync(AsyncClient.async_next_row_id)
     abort, async_abort = _sync(AsyncClient.async_abort)
     kv_retrieve_meta, async_kv_retrieve_meta = _sync(AsyncClient.async_kv_retrieve_meta)
     kv_lookup, async_kv_lookup = _sync(AsyncClient.async_kv_lookup)

@@ -30,6 +30,7 @@ __all__ = [
     "DataLostError",
     "NotFoundError",
     "ProtocolError",
+    "ResumeStateError",
     "SchemaError",
     "TQConnectionError",
     "TQError",
@@ -65,6 +66,10 @@ class ArgumentError(TQError, TypeError, ValueError):
     Raised by the client before anything is sent, so a bad call fails at once instead of waiting
     for a server's answer.
     """
+
+
+class ResumeStateError(ArgumentError):
+    """A loader ``state_dict`` saved for another cluster, partition, task or rank layout."""
 
 
 class CapacityError(TQError):

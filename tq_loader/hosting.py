@@ -8,6 +8,7 @@ and without a thread hop of its own.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +91,7 @@ def publish_layout(controller: ServiceHost, config: TQConfig, unit_addresses: li
         storage_units=unit_addresses,
         storage_backend=config.storage.backend,
         config=config.to_dict(),
+        cluster_id=uuid.uuid4().hex,
     )
 
     def _set() -> None:

@@ -29,7 +29,7 @@ from tq_loader.codec import ColumnSpec
 from tq_loader.codec_objects import numpy_enc_hook, numpy_ext_hook
 from tq_loader.errors import ProtocolError
 from tq_loader.schema import FieldSchema
-from tq_loader.stats import ControllerStats, UnitStats
+from tq_loader.stats import ControllerStats, PartitionStats, UnitStats
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -190,6 +190,12 @@ class Stats(_Msg):
     pass
 
 
+class PartitionInfo(_Msg):
+    """One partition's counters and flags (cheap: no storage unit is asked)."""
+
+    partition_id: str | None = None
+
+
 class Cancel(_Msg):
     """The client gave up on request ``request_id``: stop serving it (a waiting get_meta then
     consumes nothing). Fire-and-forget: the server sends no reply."""
@@ -310,6 +316,7 @@ class ClusterInfo(_Msg):
     storage_units: list[str]
     storage_backend: str = "simple"
     config: dict[str, Any] = {}
+    cluster_id: str = ""  # made when the cluster starts: tells a fresh cluster from the one a state came from
 
 
 class MetaReply(_Msg):
@@ -353,6 +360,11 @@ class UnitStatsReply(_Msg):
     stats: UnitStats
 
 
+class PartitionInfoReply(_Msg):
+    stats: PartitionStats | None  # None: the controller does not know the partition
+    next_row_id: int
+
+
 class LostReply(_Msg):
     """What ``ReportLost`` dropped."""
 
@@ -373,11 +385,11 @@ Request = Union[
     Describe, CreatePartition, ListPartitions, GetMeta, PrepareWrite, NotifyProduced, SetTags,
     ClearSamples, ClearPartition, ResetConsumption, ProductionStatus, ConsumptionStatus, KVLookup,
     KVList, Seal, Abort, Stats, Cancel, ReportLost, ExportState, ImportState, PutRows, GetRows, DropRows, DropPartition,
-    ExportRows, AttachSegment, DetachArena, KVKeys,
+    ExportRows, AttachSegment, DetachArena, KVKeys, PartitionInfo,
 ]  # fmt: skip
 Reply = Union[
     Ok, ClusterInfo, MetaReply, WriteReply, IdsReply, NamesReply, StatusReply, KVLookupReply,
-    KVListReply, ControllerStatsReply, UnitStatsReply, LostReply, StateReply, RowsReply,
+    KVListReply, ControllerStatsReply, UnitStatsReply, LostReply, PartitionInfoReply, StateReply, RowsReply,
 ]  # fmt: skip
 
 

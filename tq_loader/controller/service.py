@@ -85,6 +85,7 @@ class ControllerService:
             p.Seal: self._seal,
             p.Abort: self._abort,
             p.Stats: self._stats,
+            p.PartitionInfo: self._partition_info,
             p.ReportLost: self._report_lost,
             p.ExportState: self._export_state,
             p.ImportState: self._import_state,
@@ -305,6 +306,11 @@ class ControllerService:
         self._served["lost_rows"] += lost
         self.lost_units[req.unit] = req.reason or "unreachable"
         return p.LostReply(lost_rows=lost)
+
+    def _partition_info(self, ctx: RequestContext, req: p.PartitionInfo) -> p.PartitionInfoReply:
+        known = req.partition_id is not None and req.partition_id in self.state
+        stats = self.state.get(req.partition_id).statistics() if known else None  # type: ignore[arg-type]
+        return p.PartitionInfoReply(stats=stats, next_row_id=self.state.allocator.next_id)
 
     def _stats(self, ctx: RequestContext, req: p.Stats) -> p.ControllerStatsReply:
         return p.ControllerStatsReply(stats=self.statistics())

@@ -23,14 +23,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from tq_loader._meta_util import warn_once
-from tq_loader.errors import ArgumentError, TQError
+from tq_loader.errors import ResumeStateError, TQError
 from tq_loader.loader.waiting import next_row_id
 
 __all__ = ["ResumeStateError", "check_resume", "cluster_identity"]
-
-
-class ResumeStateError(ArgumentError):
-    """A loader ``state_dict`` saved for another cluster, partition, task or rank layout."""
 
 
 def cluster_identity(client: Any) -> dict[str, Any]:
