@@ -132,8 +132,10 @@ def test_kv_unknown_key_or_partition(cluster, pid):
 
 def test_kv_failed_write_leaves_nothing_behind(cluster, pid):
     kv.kv_put("old", pid, fields={"x": torch.tensor([1.0, 2.0])}, tag={"v": 1})
-    with pytest.raises(SchemaError):  # dtype conflict on a new key: the key must not appear
-        kv.kv_put("new", pid, fields={"x": torch.tensor([1, 2])}, tag={"v": 2})
+    with pytest.raises(
+        SchemaError
+    ):  # dtype conflict (complex cannot become float) on a new key: it must not appear
+        kv.kv_put("new", pid, fields={"x": torch.tensor([1j, 2j])}, tag={"v": 2})
     with pytest.raises(SchemaError):  # ... and on an existing key: neither data nor tags change
         kv.kv_put("old", pid, fields={"x": "text"}, tag={"v": 3})
     assert kv.kv_list(pid) == {pid: {"old": {"v": 1}}}

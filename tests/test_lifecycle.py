@@ -358,8 +358,10 @@ def test_partitions_are_isolated(client, pid):
 
 def test_schema_conflict_is_refused_and_data_kept(client, pid):
     meta = _put_rows(client, pid, n=3)
-    with pytest.raises(SchemaError) as info:
-        client.put(TensorDict({"x": torch.ones(2, 1, dtype=torch.int64)}, batch_size=[2]), partition_id=pid)
+    with pytest.raises(SchemaError) as info:  # complex values cannot become the column's float32
+        client.put(
+            TensorDict({"x": torch.ones(2, 1, dtype=torch.complex64)}, batch_size=[2]), partition_id=pid
+        )
     assert "x" in str(info.value) and pid in str(info.value)
     with pytest.raises(SchemaError):  # the same through an update of existing rows
         client.put(TensorDict({"x": NonTensorStack("a", "b", "c")}, batch_size=[3]), metadata=meta)
@@ -368,6 +370,18 @@ def test_schema_conflict_is_refused_and_data_kept(client, pid):
     got = client.get_meta(["x"], 3, pid, task_name="t", timeout=30)
     out = client.get_data(got)
     assert out["x"].dtype == torch.float32 and out["x"].squeeze(1).tolist() == [0.0, 1.0, 2.0]
+
+
+def test_a_safely_castable_dtype_is_converted_to_the_column_with_a_warning(client, pid):
+    """TransferQueue stores mixed dtypes per row (its tutorial writes a float32 then an int64 mask);
+    a column has one dtype: ints into a float column are converted, loudly."""
+    _put_rows(client, pid, n=3)
+    with pytest.warns(UserWarning, match="converted to float32"):
+        client.put(
+            TensorDict({"x": torch.full((2, 1), 7, dtype=torch.int64)}, batch_size=[2]), partition_id=pid
+        )
+    got = client.get_data(client.get_meta(["x"], 5, pid, task_name="t", timeout=30))
+    assert got["x"].dtype == torch.float32 and got["x"].squeeze(1).tolist() == [0.0, 1.0, 2.0, 7.0, 7.0]
 
 
 # ---------------------------------------------------------------------- rank-aware and groups

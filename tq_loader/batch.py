@@ -38,6 +38,22 @@ class PreparedBatch:
             self.size, {f: self.columns[f] for f in fields}, {f: self.schemas[f] for f in fields}
         )
 
+    def cast_to(self, columns: Mapping[str, FieldSchema]) -> tuple[PreparedBatch, list[tuple[str, str, str]]]:
+        """This batch with tensor fields converted to ``columns``' dtypes where they differ; the
+        ``(field, from, to)`` conversions made (the controller allowed only safe ones)."""
+        changed: list[tuple[str, str, str]] = []
+        cols, schemas = dict(self.columns), dict(self.schemas)
+        for name, schema in self.schemas.items():
+            target = columns.get(name)
+            if target is None or target.is_non_tensor or schema.is_non_tensor or target.dtype == schema.dtype:
+                continue
+            dtype = getattr(torch, target.dtype)
+            value = cols[name]
+            cols[name] = [v.to(dtype) for v in value] if isinstance(value, list) else value.to(dtype)
+            schemas[name] = FieldSchema(target.dtype, schema.shape, schema.is_nested, False)
+            changed.append((name, schema.dtype, target.dtype))
+        return (PreparedBatch(self.size, cols, schemas) if changed else self), changed
+
 
 def _as_column(name: str, value: Any) -> Any:
     """A user column as a codec column value (tensors pass through; numpy and non-tensor data convert)."""

@@ -30,6 +30,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -346,6 +347,7 @@ class AsyncClient:
         )
         ids = p.ids_from_wire(reply.global_indexes)
         meta = BatchMeta(ids, pid)
+        batch = _cast(batch, reply.schemas, pid)
         try:
             await self._write(batch, meta, pid, ids)
         except BaseException:
@@ -361,6 +363,7 @@ class AsyncClient:
         reply: p.WriteReply = await self._call(
             p.PrepareWrite(partition_id=pid, schemas=batch.schemas, global_indexes=p.ids_to_wire(ids))
         )
+        batch = _cast(batch, reply.schemas, pid)
         await self._write(batch, meta, pid, ids)
         return _with_fields(meta, _written(reply.schemas, batch))
 
@@ -574,6 +577,7 @@ class AsyncClient:
         )
         meta = BatchMeta.from_wire(reply.meta)
         created = np.frombuffer(reply.created, dtype=bool).copy()
+        batch = _cast(batch, reply.schemas, pid)
         try:
             await self._write(batch, meta, pid, meta.global_index_array, None if tags is None else list(tags))
         except BaseException:
@@ -629,6 +633,25 @@ class AsyncClient:
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+
+
+_CAST_WARNED: set[tuple[str, str, str, str]] = set()
+
+
+def _cast(batch: PreparedBatch, columns: Mapping[str, FieldSchema], pid: str) -> PreparedBatch:
+    """Convert fields whose column holds another (safely reachable) dtype; say so once per field."""
+    batch, changed = batch.cast_to(columns)
+    for name, src, dst in changed:
+        if (pid, name, src, dst) not in _CAST_WARNED:
+            _CAST_WARNED.add((pid, name, src, dst))
+            warnings.warn(
+                f"partition {pid!r}, field {name!r}: written as {src}, but the column holds {dst}; the rows "
+                f"were converted to {dst} (a column has one dtype). Write {dst} to silence this, or use a "
+                "new field name for another dtype",
+                UserWarning,
+                stacklevel=4,
+            )
+    return batch
 
 
 def _storage_stats(stats: Any) -> StorageStats:

@@ -104,14 +104,28 @@ class FieldSchema(msgspec.Struct, frozen=True, array_like=True):
     def __hash__(self) -> int:
         return hash((self.dtype, self.shape, self.is_nested, self.is_non_tensor))
 
-    def merge(self, other: FieldSchema) -> FieldSchema:
+    def castable_into(self, column: FieldSchema) -> bool:
+        """Whether values of this (tensor) schema convert to ``column``'s dtype without changing kind
+        of number downward (torch's ``can_cast``: int -> float yes, float -> int no)."""
+        if self.is_non_tensor or column.is_non_tensor or self.dtype == column.dtype:
+            return False
+        try:
+            return bool(torch.can_cast(getattr(torch, self.dtype), getattr(torch, column.dtype)))
+        except (AttributeError, TypeError, RuntimeError):
+            return False
+
+    def merge(self, other: FieldSchema, *, cast: bool = False) -> FieldSchema:
         """Schema after ``other`` is written into a column that has ``self``.
 
-        Raises ``SchemaError`` on a dtype or tensor/non-tensor conflict; a different per-row shape
-        (or rank) turns the column jagged, with ``-1`` where the sizes differ.
+        Raises ``SchemaError`` on a dtype or tensor/non-tensor conflict -- unless ``cast`` and the
+        write's values convert safely to the column's dtype (then the column keeps its dtype and the
+        writer casts); a different per-row shape (or rank) turns the column jagged, with ``-1`` where
+        the sizes differ.
         """
         if self == other:
             return self
+        if cast and other.castable_into(self):
+            other = FieldSchema(self.dtype, other.shape, other.is_nested, False)
         if self.is_non_tensor != other.is_non_tensor or self.dtype != other.dtype:
             raise SchemaError(
                 f"dtype conflict: column holds {self.dtype!r}, write has {other.dtype!r}; "

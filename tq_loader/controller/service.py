@@ -129,7 +129,7 @@ class ControllerService:
 
     def _prepare_write(self, ctx: RequestContext, req: p.PrepareWrite) -> p.WriteReply:
         part = self.state.get_or_create(req.partition_id) if req.insert else self.state.get(req.partition_id)
-        merged = part.check_schemas(req.schemas)
+        merged = part.check_schemas(req.schemas, cast=True)
         if req.insert:
             ids = part.insert(req.new_rows)
         else:
@@ -201,7 +201,7 @@ class ControllerService:
         if req.create:
             part = self.state.get_or_create(req.partition_id)
             if req.schemas is not None:  # before any key is created: a conflict changes nothing
-                merged = part.check_schemas(req.schemas)
+                merged = part.check_schemas(req.schemas, cast=True)
             ids, created = part.get_or_create_keys(req.keys)
         elif req.missing_ok and req.partition_id not in self.state:
             return p.KVLookupReply(meta=BatchMeta.empty().to_struct(), created=b"")
@@ -223,7 +223,7 @@ class ControllerService:
         meta = self._meta(part, ids, common)
         meta.set_extra_info("keys", part.keys_of(ids))
         if req.schemas is not None and not req.create:
-            merged = part.check_schemas(req.schemas)
+            merged = part.check_schemas(req.schemas, cast=True)
         return p.KVLookupReply(
             meta=meta.to_struct(), created=np.asarray(created, bool).tobytes(),
             schemas={name: merged[name] for name in (req.schemas or {})},

@@ -329,11 +329,15 @@ class PartitionState:
         self.aborted = str(reason) or "aborted"
 
     # ------------------------------------------------------------------ production
-    def check_schemas(self, schemas: Mapping[str, FieldSchema]) -> dict[str, FieldSchema]:
+    def check_schemas(
+        self, schemas: Mapping[str, FieldSchema], *, cast: bool = False
+    ) -> dict[str, FieldSchema]:
         """All column schemas as they would be after a write of ``schemas``, without applying it.
 
         Lets the service validate a put before any storage unit stores it; raises ``SchemaError``
-        naming the partition and field on a dtype/rank conflict.
+        naming the partition and field on a dtype/rank conflict. ``cast``: a write whose numbers
+        convert safely to the column's dtype is no conflict -- the merged schema keeps the column's
+        dtype and the writer converts (TransferQueue stores mixed dtypes per row; one column has one).
         """
         merged = dict(self._schemas)
         for name, schema in schemas.items():
@@ -346,7 +350,7 @@ class PartitionState:
                 merged[name] = schema
                 continue
             try:
-                merged[name] = old.merge(schema)
+                merged[name] = old.merge(schema, cast=cast)
             except SchemaError as exc:
                 raise SchemaError(f"partition {self.partition_id!r}, field {name!r}: {exc}") from None
         return merged
