@@ -206,9 +206,12 @@ def _check_dtype(value: Any, dtype: torch.dtype, field: str) -> None:
         raise SchemaError(f"field {field!r}: a storage unit returned {got}, the column's schema says {dtype}")
 
 
-def _assemble_dense(parts, n: int, schema: FieldSchema, dtype: torch.dtype, field: str) -> torch.Tensor:
+def _assemble_dense(
+    parts, n: int, schema: FieldSchema, dtype: torch.dtype, field: str, out: torch.Tensor | None = None
+) -> torch.Tensor:
     shape = tuple(schema.shape)
-    out = torch.empty((n, *shape), dtype=dtype)
+    if out is None or out.dtype != dtype or tuple(out.shape) != (n, *shape):
+        out = torch.empty((n, *shape), dtype=dtype)
     for pos, value in parts:
         if kind_of(value) != "dense":
             rows = row_list(value)
@@ -220,7 +223,7 @@ def _assemble_dense(parts, n: int, schema: FieldSchema, dtype: torch.dtype, fiel
                 f"field {field!r}: a storage unit returned rows of shape {tuple(value.shape[1:])}, "
                 f"the column's schema says {shape}"
             )
-        index_copy(out, index_tensor(pos), value)
+        copy_rows(out, pos, value)
     return out
 
 
@@ -284,13 +287,19 @@ def _assemble_jagged(
 
 
 def assemble(
-    parts: Sequence[tuple[np.ndarray, Any]], n: int, schema: FieldSchema, *, field: str = "?"
+    parts: Sequence[tuple[np.ndarray, Any]],
+    n: int,
+    schema: FieldSchema,
+    *,
+    field: str = "?",
+    out: torch.Tensor | None = None,
 ) -> Any:
     """One column of ``n`` rows: part ``(positions, value)`` supplies the rows at ``positions``.
 
     The positions of all parts must cover ``range(n)`` exactly once. Tensors come back in fresh,
     writable memory (never views of the parts). The result's kind follows ``schema`` (see
-    :func:`target_kind`): dense tensor, jagged nested tensor, "rows" value or list.
+    :func:`target_kind`): dense tensor, jagged nested tensor, "rows" value or list. ``out``: where a
+    dense column goes when it fits (e.g. reused, already touched memory).
     """
     parts = [(np.asarray(pos, dtype=np.int64).reshape(-1), value) for pos, value in parts]
     _check_cover(parts, n, field)
@@ -309,7 +318,7 @@ def assemble(
         if num_rows(value):
             _check_dtype(value, dtype, field)
     if kind == "dense":
-        return _assemble_dense(parts, n, schema, dtype, field)
+        return _assemble_dense(parts, n, schema, dtype, field, out)
     if kind == "jagged":
         return _assemble_jagged(parts, n, schema, d, dtype, field)
     out = np.empty(n, dtype=object)

@@ -37,6 +37,7 @@ class SharedMemoryPath:
 
     def __init__(self, enabled: bool, request: Request) -> None:
         self.enabled = enabled and shm.supported()
+        self._pool = shm.supported()  # the arena also serves as this client's pool of result memory
         self.arena_id = secrets.token_hex(8)
         self._request = request
         self._arena: shm.Arena | None = None
@@ -112,6 +113,14 @@ class SharedMemoryPath:
         # from the region's own array: the tensor holds that very object, whose end frees the region
         tensor = region.tensor(torch.uint8, (region.nbytes,))[:nbytes].view(dtype).view(shape)
         return tensor, p.ShmSlice(region.segment, region.offset, nbytes)
+
+    def pooled(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """A result tensor from the arena (memory already touched, reused once its tensors die)
+        when the arena is available and the tensor is big enough to be worth it; else None."""
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if not self._pool or nbytes < MIN_SHM_BYTES:
+            return None
+        return self.output(shape, dtype)[0]
 
     async def close(self) -> None:
         for unit, ok in self._usable.items():

@@ -254,8 +254,13 @@ class SimpleStorageManager(StorageManager):
                 continue  # no rows and no schema: nothing can be said about the column
             if whole and _returns_as_is(schema, parts[0][1]):
                 columns[name] = parts[0][1]
-            else:
-                columns[name] = assemble(parts, n, schema, field=name)
+            else:  # dense rows land in the arena's reused memory when there is one (no page faults)
+                out = (
+                    self.shm.pooled((n, *schema.shape), torch_dtype(schema.dtype))
+                    if _is_dense(schema)
+                    else None
+                )
+                columns[name] = assemble(parts, n, schema, field=name, out=out)
         return to_tensordict(columns, n)
 
     async def clear_data(self, meta: BatchMeta) -> None:
