@@ -93,6 +93,8 @@ class MicroBatches(BaseNode[tuple[TensorDict, BatchMeta]]):
         self._pending: list[tuple[TensorDict, BatchMeta]] = []
         self._to_skip = skip
         self._ended = False
+        self._batch_state: dict[str, Any] | None = None  # the source's state before the current batch
+        self._split_total = 0
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
@@ -104,6 +106,7 @@ class MicroBatches(BaseNode[tuple[TensorDict, BatchMeta]]):
         while not self._pending:
             if self._ended:
                 raise StopIteration
+            before = self.source.state_dict()
             batch: FetchedBatch = next(self.source)
             if batch.end or batch.td is None or batch.meta.size == 0:
                 self._ended = True
@@ -113,9 +116,14 @@ class MicroBatches(BaseNode[tuple[TensorDict, BatchMeta]]):
             parts = self.split(batch.td, batch.meta, batch.batch_index)
             self._pending = parts[self._to_skip :]
             self._to_skip = 0
+            self._batch_state, self._split_total = before, len(parts)
         return self._pending.pop(0)
 
     def get_state(self) -> dict[str, Any]:
+        """Exact: with micro-batches of a batch still pending, the state is "that batch again, minus
+        the micro-batches already handed out" -- nothing fetched is lost across a save and load."""
+        if self._pending:
+            return {"source": self._batch_state, "skip": self._split_total - len(self._pending)}
         return {"source": self.source.state_dict(), "skip": self._to_skip}
 
 
