@@ -6,6 +6,9 @@ Kept as data so docs/compat.md can show every exclusion with its reason. Section
   a ``::`` or ``[`` boundary), ``category``, ``reason``: TransferQueue-internal tests, not run on tq_loader.
 - ``[[fixture_override]]`` ``module``, ``fixtures``, ``reason``: test scaffolding (not the behaviour
   under test) replaced on tq_loader by compat/fixtures.py.
+- ``[[deliberate]]`` ``test``, ``reason``: public-API tests that still run and fail because tq_loader
+  differs on purpose (docs/compat.md says why and what to write instead); reported, not counted as
+  passes, and they do not fail ``make compat``.
 - ``[tutorial.NAME]`` ``must_not_print``: output that means a tutorial ran to the end but lost data.
 """
 
@@ -63,6 +66,7 @@ class HarnessData:
     exclusions: tuple[Exclusion, ...]
     overrides: tuple[FixtureOverride, ...]
     must_not_print: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    deliberate: dict[str, str] = field(default_factory=dict)  # node id -> reason
 
     def exclusion_for(self, nodeid: str) -> Exclusion | None:
         return next((e for e in self.exclusions if e.matches(nodeid)), None)
@@ -74,7 +78,7 @@ class HarnessData:
 def load(path: Path = DATA_FILE) -> HarnessData:
     """Read and check the data file; a malformed entry raises ValueError naming it."""
     raw: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
-    unknown = set(raw) - {"exclude", "fixture_override", "tutorial"}
+    unknown = set(raw) - {"exclude", "fixture_override", "tutorial", "deliberate"}
     if unknown:
         raise ValueError(f"{path}: unknown sections {sorted(unknown)}")
     exclusions = tuple(
@@ -90,7 +94,8 @@ def load(path: Path = DATA_FILE) -> HarnessData:
     if bad:
         raise ValueError(f"{path}: [tutorial.*] names {sorted(bad)} are not among {TUTORIALS}")
     must_not_print = {name: tuple(t.get("must_not_print", ())) for name, t in tutorials.items()}
-    return HarnessData(exclusions, overrides, must_not_print)
+    deliberate = {_str(d, "test", path): _str(d, "reason", path) for d in raw.get("deliberate", [])}
+    return HarnessData(exclusions, overrides, must_not_print, deliberate)
 
 
 def _str(entry: dict[str, Any], key: str, path: Path) -> str:
