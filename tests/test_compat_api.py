@@ -89,3 +89,24 @@ def test_kv_retrieve_keys_maps_rows_back_to_keys(fresh):
         client.kv_retrieve_keys(unkeyed.global_indexes, "kv")
     with pytest.raises(ArgumentError, match="global_indexes"):
         client.kv_retrieve_keys("c", "kv")
+
+
+def test_checkpoint_keywords_and_missing_directory_as_transfer_queue(fresh, tmp_path):
+    tq.init()
+    tq.kv_put("k", "ck", {"x": torch.tensor([1.0])})
+    with pytest.warns(UserWarning, match="include_storage=False has no effect"):
+        tq.save_checkpoint(checkpoint_dir=tmp_path / "ck", include_storage=False, metadata={"step": 3})
+    tq.kv_clear("k", "ck")
+    assert tq.load_checkpoint(checkpoint_dir=tmp_path / "ck") == {"step": 3}
+    assert tq.kv_batch_get(["k"], "ck")["x"].tolist() == [[1.0]]
+    with pytest.raises(FileNotFoundError):
+        tq.load_checkpoint(tmp_path / "nothing-here")
+
+
+def test_reset_consumption_returns_true(fresh):
+    tq.init()
+    client = tq.get_client()
+    client.put(TensorDict({"x": torch.arange(2)}, batch_size=[2]), partition_id="p")
+    client.get_meta(["x"], 2, "p", task_name="t")
+    assert client.reset_consumption("p", "t") is True
+    assert client.get_meta(["x"], 2, "p", task_name="t").size == 2
