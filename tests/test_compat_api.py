@@ -94,7 +94,7 @@ def test_kv_retrieve_keys_maps_rows_back_to_keys(fresh):
 def test_checkpoint_keywords_and_missing_directory_as_transfer_queue(fresh, tmp_path):
     tq.init()
     tq.kv_put("k", "ck", {"x": torch.tensor([1.0])})
-    with pytest.warns(UserWarning, match="include_storage=False has no effect"):
+    with pytest.warns(UserWarning, match="include_storage=False. has no effect"):
         tq.save_checkpoint(checkpoint_dir=tmp_path / "ck", include_storage=False, metadata={"step": 3})
     tq.kv_clear("k", "ck")
     assert tq.load_checkpoint(checkpoint_dir=tmp_path / "ck") == {"step": 3}
