@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo bench bench-quick clean compat
+.PHONY: setup test lint demo bench bench-quick clean compat stress
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ bench: setup
 
 bench-quick: setup
 	$(BIN)/python -m tq_loader.bench --quick
+
+# The long load run of the reliability suite (minutes; CI runs the short one inside `make test`).
+stress: setup
+	TQ_LOADER_STRESS=1 $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/reliability/test_load.py
 
 # TransferQueue 0.1.11 in its own venv, only for the tutorials and tests its wheel ships (and the
 # reference run: `$(BIN)/python -m compat.run --against transferqueue`). torch first, as above.
