@@ -398,13 +398,24 @@ class AsyncClient:
             log.warning("could not roll back %d rows of a failed put into %r: %s", len(ids), pid, exc)
 
     async def async_get_data(
-        self, metadata: BatchMeta, device: str | torch.device | None = None
+        self, metadata: BatchMeta, device: str | torch.device | None = None, *, copy: bool = True
     ) -> TensorDict:
-        """The columns named by ``metadata`` for its rows, in its row order (memory the caller owns)."""
+        """The columns named by ``metadata`` for its rows, in its row order, in memory the caller owns.
+
+        ``copy=False`` is for consumers that only read: where the storage allows it (in-process
+        units, rows stored in one run) tensors are views of the stored rows -- never write to them;
+        their rows' memory is not reused while they live. Elsewhere it is the usual private copy.
+        """
         _check_meta("metadata", metadata)
+        if not isinstance(copy, bool):
+            raise ArgumentError(f"copy must be True or False, not {type(copy).__name__}")
         started = time.monotonic()
         storage = await self.storage()
-        td = await self._stored(storage.get_data(metadata))
+        if not copy and storage.supports_views:
+            fetch = storage.get_data(metadata, copy=False)  # type: ignore[call-arg]
+        else:
+            fetch = storage.get_data(metadata)
+        td = await self._stored(fetch)
         if device is not None:
             td = td.to(device)
         self._stats["gets"] += 1

@@ -34,7 +34,7 @@ def default_fetch_batch_fn(
     )
     if meta.size == 0:
         return None, meta
-    return tq_client.get_data(meta, device=options.get("device")), meta
+    return tq_client.get_data(meta, device=options.get("device"), copy=options.get("copy", True)), meta
 
 
 def meta_request(

@@ -51,7 +51,8 @@ class StreamingDataset(IterableDataset):
     ``sampler`` / ``sampling_config`` (the controller's sampler by name), ``drop_last`` (True: a
     tail smaller than ``batch_size x dp_size`` is not delivered, so every rank gets full, equal
     batches), ``timeout`` (seconds one batch may be waited for; ``None``: until rows come or the
-    stream ends), ``device``, ``start_batch_index`` and ``log_wait_after`` (seconds of waiting
+    stream ends), ``device``, ``copy`` (False: batches may be read-only views of the stored rows;
+    see ``Client.get_data``), ``start_batch_index`` and ``log_wait_after`` (seconds of waiting
     before the first INFO report of what is waited for; ``None``: never).
     """
 
@@ -74,6 +75,7 @@ class StreamingDataset(IterableDataset):
         drop_last: bool = True,
         timeout: float | None = None,
         device: Any = None,
+        copy: bool = True,
         start_batch_index: int = 0,
         log_wait_after: float | None = 5.0,
     ) -> None:
@@ -100,6 +102,7 @@ class StreamingDataset(IterableDataset):
         self.sampler = sampler
         self.sampling_config = dict(sampling_config or {})
         self.drop_last, self.timeout, self.device = drop_last, timeout, device
+        self.copy = bool(copy)  # False: batches may be read-only views of storage (Client.get_data)
         self.start_batch_index = int(start_batch_index)
         self.log_wait_after = log_wait_after
         self.batch_index, self._skip_micro = self.start_batch_index, 0  # the plain-iteration position
@@ -154,7 +157,7 @@ class StreamingDataset(IterableDataset):
 
     def fetch_options(self) -> dict[str, Any]:
         return {"timeout": self.timeout, "allow_partial": not self.drop_last,
-                "sampler": self.sampler, "device": self.device}  # fmt: skip
+                "sampler": self.sampler, "device": self.device, "copy": self.copy}  # fmt: skip
 
     def stream_done(self, client: Any) -> bool:
         """``should_check_consumption_status``: stop once the task consumed every row (TransferQueue)."""
@@ -227,7 +230,7 @@ class StreamingDataset(IterableDataset):
 
     def load(self, client: Any, meta: BatchMeta) -> TensorDict:
         """The data of a batch whose metadata came from :meth:`meta_call`."""
-        return client.get_data(meta, device=self.device)
+        return client.get_data(meta, device=self.device, copy=self.copy)
 
     def dropped_rows(self, client: Any) -> int:
         """Rows of the partition this task never consumed (meaningful once the stream ended).

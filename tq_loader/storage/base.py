@@ -72,6 +72,9 @@ class StorageManager(ABC):
 
     #: the name it is registered under (``storage.backend``)
     name: str = ""
+    #: whether ``get_data(..., copy=False)`` may return views of the backend's memory (else the
+    #: client core asks for the usual private copy, which satisfies ``copy=False`` as well)
+    supports_views: bool = False
 
     @abstractmethod
     async def put_data(self, batch: PreparedBatch, meta: BatchMeta) -> None:
@@ -81,7 +84,8 @@ class StorageManager(ABC):
     @abstractmethod
     async def get_data(self, meta: BatchMeta, fields: Sequence[str] | None = None) -> TensorDict:
         """The ``fields`` (default: all of ``meta``'s) of ``meta``'s rows, in its order, in memory
-        the caller owns (writable, not shared with the backend)."""
+        the caller owns (writable, not shared with the backend). A manager with ``supports_views``
+        also takes ``copy=False``: tensors may then be views the caller must not write."""
 
     @abstractmethod
     async def clear_data(self, meta: BatchMeta) -> None:

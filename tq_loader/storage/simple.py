@@ -62,6 +62,7 @@ class SimpleStorageManager(StorageManager):
     """
 
     name = "simple"
+    supports_views = True
 
     def __init__(self, info: BackendInfo) -> None:
         if not info.cluster.storage_units:
@@ -195,14 +196,19 @@ class SimpleStorageManager(StorageManager):
                 out[name] = (memory.empty(shape, dtype), None)
         return out
 
-    async def get_data(self, meta: BatchMeta, fields: Sequence[str] | None = None) -> TensorDict:
+    async def get_data(
+        self, meta: BatchMeta, fields: Sequence[str] | None = None, *, copy: bool = True
+    ) -> TensorDict:
+        """``copy=False``: in-process units answer dense rows that lie in one run of their slots with
+        pinned views of their memory, and one unit's answer covering every row is the result as is."""
         known = meta.field_schema
         fields = list(known) if fields is None else list(fields)
         n = meta.size
         groups = _groups(meta, len(self.addresses), self.stripe_rows) if fields else []
         dense_bytes = sum(_row_bytes(known[f]) * n for f in fields if _is_dense(known.get(f)))
         modes = await self._modes([u for _, u, _ in groups], dense_bytes) if groups else {}
-        outputs = self._outputs(fields, known, n, modes)  # units copy dense rows straight into these
+        views = not copy and all(m == "local" for m in modes.values())
+        outputs = {} if views else self._outputs(fields, known, n, modes)  # units copy rows into these
         if outputs and "shm" in modes.values():
             await self.shm.prepare([u for u, m in modes.items() if m == "shm"])
             modes = {u: "wire" if m == "shm" and not self.shm.is_usable(u) else m for u, m in modes.items()}
@@ -232,7 +238,7 @@ class SimpleStorageManager(StorageManager):
         ]
         # One unit answered for every row, in order, in frames that belong to this call alone:
         # its columns are the result (no re-assembly copy).
-        whole = len(groups) == 1 and self._connect(self.addresses[groups[0][1]]).private_replies
+        whole = len(groups) == 1 and (views or self._connect(self.addresses[groups[0][1]]).private_replies)
         columns: dict[str, Any] = {}
         for name in fields:
             if name in outputs and all(name in written for _, written, _ in decoded):

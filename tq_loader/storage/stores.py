@@ -2,7 +2,8 @@
 
 * :class:`DenseColumn`: fixed-shape rows in ONE preallocated ``(capacity, *row_shape)`` tensor, grown
   geometrically; a put is one ``index_copy_``, a get one ``index_select``. Slots are reused after a
-  drop, so its memory is overwritten: reads always copy.
+  drop, so reads copy -- except ``copy=False`` reads of one run of slots, which are views that pin
+  their slots (``pins.py``) until they are gone.
 * :class:`NestedColumn`: the rows of one put are copied into ONE private *chunk*, laid end to end
   along the ragged dim when the column is jagged; a slot records (chunk, start) and its row shape.
   A chunk is never written after the put (a row put again goes to a new chunk) and is freed when
@@ -39,6 +40,7 @@ from tq_loader.storage.columns import (
     target_kind,
     torch_dtype,
 )
+from tq_loader.storage.pins import SlotPins
 from tq_loader.storage.segments import gather
 
 __all__ = ["Column", "DenseColumn", "NestedColumn", "ObjectColumn", "make_column"]
@@ -61,6 +63,7 @@ class Column:
 
     kind = ""
     rows: np.ndarray | None = None
+    pins: SlotPins | None = None  # set by the unit: zero-copy reads pin the slots they view
 
     def __init__(self, schema: FieldSchema) -> None:
         self.schema = schema
@@ -130,7 +133,13 @@ class DenseColumn(Column):
         return slots.size * self.row_bytes
 
     def read(self, slots: np.ndarray, copy_objects: bool, copy: bool = True) -> torch.Tensor:
-        out = memory.empty((slots.size, *self.schema.shape), self.dtype)  # always a copy: slots are reused
+        """Fresh rows; ``copy=False`` and slots that are one ascending run: a pinned view instead (its
+        slots are not reused while it lives; a later put of the same rows' field does write it)."""
+        if not copy and self.pins is not None and self.row_bytes and slots.size:
+            start = int(slots[0])
+            if int(slots[-1]) - start + 1 == slots.size and (slots.size == 1 or (np.diff(slots) == 1).all()):
+                return self.pins.view(self.data, start, start + slots.size)
+        out = memory.empty((slots.size, *self.schema.shape), self.dtype)  # a copy: slots are reused
         copy_rows(out, np.arange(slots.size), self.data, slots)
         return out
 

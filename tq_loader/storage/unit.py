@@ -30,6 +30,7 @@ from tq_loader.metadata import schema_of
 from tq_loader.schema import FieldSchema
 from tq_loader.stats import UnitStats
 from tq_loader.storage.columns import num_rows, target_kind, torch_dtype
+from tq_loader.storage.pins import SlotPins
 from tq_loader.storage.stores import Column, NestedColumn, make_column
 
 __all__ = ["SimpleStorageUnit"]
@@ -137,6 +138,7 @@ class _Partition:
         self.hwm = 0  # slots [0, hwm) have been used at least once
         self.free: list[np.ndarray] = []
         self.columns: dict[str, Column] = {}
+        self.pins = SlotPins()  # slots zero-copy readers still view: reused only once they are gone
 
     @property
     def rows(self) -> int:
@@ -144,6 +146,9 @@ class _Partition:
 
     def alloc(self, k: int) -> np.ndarray:
         """``k`` slots: reused ones first, then fresh ones past the high-water mark."""
+        unpinned = self.pins.reclaim()
+        if unpinned is not None:
+            self.free.append(unpinned)
         free = np.concatenate(self.free) if len(self.free) > 1 else (self.free[0] if self.free else None)
         reuse = np.empty(0, dtype=np.int64) if free is None else free[: min(k, free.size)]
         self.free = [] if free is None or reuse.size == free.size else [free[reuse.size :]]
@@ -153,9 +158,11 @@ class _Partition:
 
     def release(self, slots: np.ndarray) -> None:
         if slots.size:
-            self.free.append(slots)
             for col in self.columns.values():
                 col.clear(slots)
+            reusable = self.pins.defer(slots)
+            if reusable.size:
+                self.free.append(reusable)
 
 
 # --------------------------------------------------------------------------- the unit
@@ -245,7 +252,7 @@ class SimpleStorageUnit:
                 col = part.columns[name] = make_column(schema)
             elif col.kind == "dense" and target_kind(schema)[0] != "dense":
                 col = part.columns[name] = NestedColumn.from_dense(col, schema)  # type: ignore[arg-type]
-            col.schema = schema
+            col.schema, col.pins = schema, part.pins
             col.ensure(part.hwm, self.capacity_rows)
             self._bytes["in"] += col.write(slots, value, copy_objects, pos)
         return {name: schema for name, (schema, _) in plan.items()}
