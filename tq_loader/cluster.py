@@ -8,10 +8,13 @@ workers fork-safe. A client in the process that hosts the services calls them di
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Protocol
 
+from tq_loader.backend_config import STORAGE_BACKENDS
 from tq_loader.config import TQConfig
 from tq_loader.hosting import ServiceHost, publish_layout, start_controller, start_storage_unit
+from tq_loader.storage.services import BackendServices, open_backend_services
 
 __all__ = ["Cluster", "EmbeddedCluster", "start_cluster"]
 
@@ -26,17 +29,16 @@ class EmbeddedCluster:
     """Controller and storage units as services in this process, on its shared event loop."""
 
     def __init__(self, config: TQConfig) -> None:
-        if config.storage.backend != "simple":
-            raise ValueError(
-                f"storage backend {config.storage.backend!r} is not built in to the embedded placement; "
-                "use storage.backend=simple"
-            )
+        # the external backend's services first (started here or attached to): the published
+        # config names their addresses, so every client reaches the same ones
+        self.backend_services, config = start_backend_services(config)
         self.config = config
-        self.controller = start_controller(config)
         self.units: list[ServiceHost] = []
         try:
-            for i in range(config.storage.num_units):
-                self.units.append(start_storage_unit(config, i))
+            self.controller = start_controller(config)
+            if self.backend_services is None:  # the built-in units; a KV backend needs none
+                for i in range(config.storage.num_units):
+                    self.units.append(start_storage_unit(config, i))
             publish_layout(self.controller, config, [u.address for u in self.units])
         except BaseException:
             self.stop()
@@ -44,12 +46,31 @@ class EmbeddedCluster:
         self.address = self.controller.address
 
     def statistics(self) -> dict[str, Any]:
-        return {host.name: host.server.statistics() for host in [self.controller, *self.units]}
+        out = {host.name: host.server.statistics() for host in [self.controller, *self.units]}
+        if self.backend_services is not None:
+            out[f"{self.backend_services.backend}-services"] = self.backend_services.describe()
+        return out
 
     def stop(self) -> None:
-        for host in [*self.units, self.controller]:
+        controller = getattr(self, "controller", None)
+        for host in [*self.units, *([controller] if controller is not None else [])]:
             host.stop()
         self.units = []
+        if self.backend_services is not None:  # stops only what was started here (by pid)
+            self.backend_services.close()
+            self.backend_services = None
+
+
+def start_backend_services(config: TQConfig) -> tuple[BackendServices | None, TQConfig]:
+    """Start or attach to what ``storage.backend`` needs; the config with its section filled in."""
+    backend = config.storage.backend
+    if backend not in STORAGE_BACKENDS:
+        raise ValueError(f"storage.backend must be one of {STORAGE_BACKENDS}, not {backend!r}")
+    services = open_backend_services(backend, getattr(config.storage, backend, None))
+    if services is None:
+        return None, config
+    storage = dataclasses.replace(config.storage, **{backend: services.section})
+    return services, dataclasses.replace(config, storage=storage)
 
 
 def start_cluster(config: TQConfig) -> Cluster:

@@ -148,8 +148,11 @@ def find_controller_address(config: TQConfig) -> str | None:
 class RayCluster:
     """A cluster whose services are Ray actors; this process owns (and stops) them."""
 
-    def __init__(self, config: TQConfig, controller: Any, units: list[Any], pg: Any) -> None:
+    def __init__(
+        self, config: TQConfig, controller: Any, units: list[Any], pg: Any, backend_services: Any = None
+    ) -> None:
         self.config, self.controller, self.units, self.pg = config, controller, units, pg
+        self.backend_services = backend_services  # an external backend's services (started by the driver)
         self.address: str = ray.get(controller.address.remote())
 
     @classmethod
@@ -157,12 +160,27 @@ class RayCluster:
         check_bind(config.host, config.auth_token, "tq_loader on Ray")  # before any actor starts
         if not ray.is_initialized():
             ray.init(include_dashboard=False, namespace=config.ray.namespace, log_to_driver=False)
+        # An external backend's services start (or are attached to) here, in the driver: with
+        # loopback addresses they serve this node; give addresses to serve several nodes.
+        from tq_loader.cluster import start_backend_services
+
+        services, config = start_backend_services(config)
+        try:
+            return cls._create(config, services)
+        except BaseException:
+            if services is not None:
+                services.close()
+            raise
+
+    @classmethod
+    def _create(cls, config: TQConfig, services: Any) -> RayCluster:
         cpus = max(config.ray.num_cpus, _MIN_CPU)
         conf = config.to_dict()
+        num_units = 0 if services is not None else config.storage.num_units  # a KV backend needs none
         bundle: dict[str, float] = {"CPU": cpus}
         if config.ray.unit_resource:
             bundle[config.ray.unit_resource] = _MIN_CPU  # only nodes that offer it hold units
-        pg = placement_group([bundle] * config.storage.num_units, strategy=config.ray.placement_strategy)
+        pg = placement_group([bundle] * max(num_units, 1), strategy=config.ray.placement_strategy)
         try:
             ray.get(pg.ready(), timeout=_SCHEDULE_TIMEOUT)
         except ray.exceptions.GetTimeoutError:
@@ -179,7 +197,7 @@ class RayCluster:
             ) from None
         actors: list[Any] = []
         try:  # a failed start (a name already taken, an actor that dies) leaves nothing behind
-            for i in range(config.storage.num_units):
+            for i in range(num_units):
                 actors.append(
                     ServiceActor.options(
                         name=f"{config.ray.name}_unit_{i}",
@@ -203,7 +221,7 @@ class RayCluster:
                 ray.kill(actor)
             remove_placement_group(pg)
             raise
-        return cls(config, controller, units, pg)
+        return cls(config, controller, units, pg, services)
 
     def stop(self) -> None:
         """Stop every service, even if some actor already died; idempotent. The names are free after."""
@@ -219,3 +237,6 @@ class RayCluster:
             ray.kill(actor)
         remove_placement_group(self.pg)
         self.pg = None
+        if self.backend_services is not None:
+            self.backend_services.close()
+            self.backend_services = None

@@ -45,7 +45,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from tq_loader.errors import ClosedError, SchemaError, TQConnectionError, TQTimeoutError
+from tq_loader.errors import ClosedError, NotFoundError, SchemaError, TQConnectionError, TQTimeoutError
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -216,6 +216,17 @@ class KVClient(ABC):
         if keys:
             self._timed("delete", len(keys), None, self._delete, keys)
 
+    def delete_prefix(self, prefix: str) -> int | None:
+        """Remove every key that starts with ``prefix``; the number removed, or None where the backend
+        cannot list keys (the caller then deletes the keys it knows)."""
+        self._check_keys([prefix])
+        return self._timed("delete", 1, None, self._delete_prefix, prefix)
+
+    def exists(self, keys: Sequence[str]) -> list[bool]:
+        """Whether each key is stored (to tell which keys of a failed get are gone)."""
+        keys = self._check_keys(keys)
+        return self._exists(keys) if keys else []
+
     def close(self) -> None:
         """Disconnect; later calls raise :class:`ClosedError`. Idempotent."""
         with self._lock:
@@ -261,6 +272,19 @@ class KVClient(ABC):
 
     @abstractmethod
     def _delete(self, keys: list[str]) -> None: ...
+
+    def _delete_prefix(self, prefix: str) -> int | None:
+        return None
+
+    def _exists(self, keys: list[str]) -> list[bool]:
+        out = []
+        for key in keys:  # one call per key: only used to explain a failed get
+            try:
+                self._get([key])
+                out.append(True)
+            except NotFoundError:
+                out.append(False)
+        return out
 
     @abstractmethod
     def _close(self) -> None: ...

@@ -24,47 +24,26 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tq_loader.backend_config import MooncakeConfig
 from tq_loader.errors import CapacityError, NotFoundError, SchemaError, TQConnectionError, TQError
 from tq_loader.storage.kv_client import KVClient, free_port, pid_alive, port_open, stop_pid, wait_until
 
 __all__ = ["MooncakeConfig", "MooncakeKVClient", "MooncakeMaster", "mooncake_available"]
 
 _ALIGN = 64
-
-
-@dataclass
-class MooncakeConfig:
-    """``storage.mooncake``: where the Mooncake services are and how this process talks to them.
-
-    Addresses left empty with ``auto_start`` make :meth:`MooncakeMaster.open` start local ones.
-    """
-
-    master_server_address: str = ""  # host:port of mooncake_master's RPC
-    metadata_server: str = ""  # "http://host:port/metadata" (the master's HTTP metadata server)
-    store_address: str = ""  # host:port of the mooncake_client store process (dummy clients)
-    client_mode: str = "dummy"  # dummy (shared memory to a same-host store process) | real
-    protocol: str = "tcp"  # real clients: tcp | rdma
-    device_name: str = ""  # real clients with rdma: e.g. "mlx5_0" (empty: auto-detect)
-    local_hostname: str = "127.0.0.1"
-    global_segment_size: int = 4 << 30  # memory of the store process MooncakeMaster starts
-    client_segment_size: int = 0  # memory a real client contributes (its values die with it)
-    local_buffer_size: int = 512 << 20  # this client's staging arena; bounds the biggest value
-    auto_start: bool = True  # no addresses: start master + store process here, stop them on close
-    client_ttl: int = 30  # s the master keeps a silent client's segment
-    startup_timeout: float = 30.0
-    staging_timeout: float = 30.0  # how long a call waits for arena space other calls hold
 
 
 def mooncake_available() -> str | None:
@@ -221,6 +200,7 @@ class MooncakeKVClient(KVClient):
             self._store.close()
             raise TQConnectionError(f"Mooncake refused to register the staging arena (code {reg})")
         self._base = base
+        self.max_call_bytes = config.local_buffer_size  # one reserve() must fit the staging arena
         self._arena = _Arena(base, config.local_buffer_size, config.staging_timeout)
         self._replicate = ReplicateConfig()
         self._replicate.with_hard_pin = True  # never evicted: a full store says so instead
@@ -339,6 +319,21 @@ class MooncakeKVClient(KVClient):
         bad = [(k, c) for k, c in zip(keys, codes) if c not in (0, -704)]
         if bad:
             raise _error(bad[0][1], f"delete of {len(bad)} key(s) such as {bad[0][0]!r}")
+
+    def _delete_prefix(self, prefix: str) -> int | None:
+        removed = self._store.remove_by_regex("^" + re.escape(prefix), True)
+        if removed < 0:
+            raise _error(removed, f"delete of the keys under {prefix!r}")
+        return removed
+
+    def _exists(self, keys: list[str]) -> list[bool]:
+        codes = self._store.batch_is_exist(keys)
+        bad = [(k, c) for k, c in zip(keys, codes) if c < 0]
+        if bad:
+            raise TQConnectionError(
+                f"Mooncake could not tell whether key {bad[0][0]!r} exists (code {bad[0][1]})"
+            )
+        return [c == 1 for c in codes]
 
     def _close(self) -> None:
         self._store.unregister_buffer(self._base)

@@ -25,10 +25,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from tq_loader.backend_config import YuanrongConfig
 from tq_loader.errors import CapacityError, NotFoundError, SchemaError, TQConnectionError, TQError
 from tq_loader.storage.kv_client import KVClient, free_port, pid_alive, port_open, stop_pid
 
@@ -36,22 +37,6 @@ __all__ = ["YuanrongConfig", "YuanrongKVClient", "YuanrongWorker", "encode_key",
 
 _MAX_KEYS = 1000  # per mcreate / mset_buffer call (the worker refuses >= 2000)
 _SAFE = re.compile(r"[A-Za-z0-9\-_!@#\^*()+=:;]")
-
-
-@dataclass
-class YuanrongConfig:
-    """``storage.yuanrong``: the worker to use, or the one to start here."""
-
-    worker_address: str = ""  # host:port of a running datasystem worker; empty: start one (auto_start)
-    metastore_address: str = ""  # only for a started worker (its built-in metastore); empty: a free port
-    worker_port: int = 0  # fixed ports for a started worker (TransferQueue's keys); 0: free ports
-    metastore_port: int = 0
-    auto_start: bool = True
-    shared_memory_size_mb: int = 2048  # the started worker's memory for values
-    home_dir: str = ""  # logs/sockets of a started worker; empty: a temporary folder, removed on close
-    connect_timeout: float = 10.0  # s
-    request_timeout: float = 10.0  # s per call: a dead worker is a TQConnectionError after this
-    startup_timeout: float = 90.0
 
 
 def yuanrong_available() -> str | None:
@@ -207,6 +192,16 @@ class YuanrongKVClient(KVClient):
             )
             if failed:
                 raise TQError(f"Yuanrong could not delete {len(failed)} key(s) such as {failed[0]!r}")
+
+    def _exists(self, keys: list[str]) -> list[bool]:
+        out: list[bool] = []
+        for start in range(0, len(keys), _MAX_KEYS):
+            part = [encode_key(k) for k in keys[start : start + _MAX_KEYS]]
+            try:
+                out += [bool(x) for x in self._call("exist", self._client.exist, part)]
+            except NotFoundError:  # Yuanrong raises when none of them exists
+                out += [False] * len(part)
+        return out
 
     def _close(self) -> None:
         self._client = None
