@@ -39,6 +39,7 @@ __all__ = [
 CASE_MODULES = (
     "tq_loader.bench.baselines",
     "tq_loader.bench.systems",
+    "tq_loader.bench.backends",  # the KV storage backends (mooncake, yuanrong) and their own clients
     "tq_loader.bench.transferqueue",
     "tq_loader.bench.kv_cases",
     "tq_loader.bench.scaling",
