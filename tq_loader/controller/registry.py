@@ -119,7 +119,7 @@ class ControllerState:
             )
         if snap.next_row_id < 0:
             raise ProtocolError(f"controller state: negative next row id {snap.next_row_id}")
-        allocator = RowIdAllocator(max(snap.next_row_id, self.allocator.next_id))
+        allocator = self.allocator.resumed_at(max(snap.next_row_id, self.allocator.next_id))
         partitions: dict[str, PartitionState] = {}
         for part_snap in snap.partitions:
             if part_snap.partition_id in partitions:

@@ -297,6 +297,7 @@ class ControllerService:
         if not 0 <= req.unit < req.num_units:
             raise ValueError(f"unit {req.unit} is outside [0, {req.num_units})")
         check_stripe_rows(req.stripe_rows)  # before anything is dropped
+        self.state.allocator.avoid_unit(req.unit, req.num_units, req.stripe_rows)  # new rows: live units only
         lost = 0
         for pid in self.state.list():
             part = self.state.get(pid)

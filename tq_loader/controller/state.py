@@ -28,6 +28,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from tq_loader.controller.allocator import RowIdAllocator
 from tq_loader.errors import ClosedError, NotFoundError, SchemaError
 from tq_loader.ids import as_ids as _as_ids
 from tq_loader.schema import FieldSchema
@@ -42,32 +43,6 @@ _COMPACT_MIN_DEAD = 4096  # compact when dead slots >= max(this, live rows): amo
 _SHOW_IDS = 5  # how many offending ids an error message names
 
 _tags_encoder = msgspec.msgpack.Encoder()
-
-
-class RowIdAllocator:
-    """Hands out global row ids for all partitions of one controller.
-
-    Monotonic, so ids are never reused (a stale id can never alias a new row) and never shared between
-    partitions, and each partition's ids ascend, which lets it look them up with ``np.searchsorted``.
-    """
-
-    def __init__(self, start: int = 0) -> None:
-        if start < 0:
-            raise SchemaError(f"row id allocator start must be >= 0, got {start}")
-        self._next = int(start)
-
-    @property
-    def next_id(self) -> int:
-        """The id the next allocation starts at (for statistics and checkpoints)."""
-        return self._next
-
-    def allocate(self, n: int) -> int:
-        """Reserve ``n`` ids and return the start of the contiguous block ``[start, start + n)``."""
-        if n < 0:
-            raise SchemaError(f"cannot allocate a negative number of rows ({n})")
-        start = self._next
-        self._next += int(n)
-        return start
 
 
 def _show(ids: np.ndarray) -> str:
@@ -174,11 +149,10 @@ class PartitionState:
                 f"cannot insert {n} rows into {self.partition_id!r} in one call (at most {MAX_INSERT_ROWS}); "
                 "insert in smaller batches"
             )
-        start = self._alloc.allocate(n)
-        new = np.arange(start, start + n, dtype=np.int64)
+        new = self._alloc.allocate_ids(n)
         if n == 0:
             return new
-        if self._n and start <= self._ids[self._n - 1]:  # the allocator is monotonic; guard the invariant
+        if self._n and new[0] <= self._ids[self._n - 1]:  # the allocator is monotonic; guard the invariant
             raise RuntimeError(f"row id allocator went backwards for partition {self.partition_id!r}")
         self._grow_rows(self._n + n)
         self._ids[self._n : self._n + n] = new
