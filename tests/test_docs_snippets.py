@@ -92,3 +92,42 @@ def test_snippet_runs(block: Block, tmp_path: Path) -> None:
         f"{block.name} failed (exit {proc.returncode}):\n{block.code}\n--- stdout\n{proc.stdout[-3000:]}"
         f"\n--- stderr\n{proc.stderr[-4000:]}"
     )
+
+
+# ----------------------------------------------------------------------------- links and paths
+LINKED = [*DOCS, ROOT / "tutorial" / "README.md"]
+LINK = re.compile(r"\[[^\]]*\]\((?P<target>[^)\s]+)\)")
+# paths of this repository (TransferQueue's own tests/... paths are named in compat.md too, so not tests/)
+CODE_PATH = re.compile(
+    r"`(?P<path>(?:tq_loader|tutorial|examples|docs|compat)/[A-Za-z0-9_./-]+\.(?:py|md|toml))`"
+)
+
+
+def _links(path: Path) -> list[str]:
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)  # links only outside code blocks
+    return [m["target"] for m in LINK.finditer(text)]
+
+
+@pytest.mark.parametrize("path", [p for p in LINKED if p.exists()], ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_stay_inside_the_repository_and_resolve(path: Path) -> None:
+    bad = []
+    for target in _links(path):
+        if re.match(r"^[a-z]+://", target) or target.startswith("mailto:"):
+            continue
+        file_part = target.split("#", 1)[0]
+        if not file_part:
+            continue  # an anchor on the same page
+        resolved = (path.parent / file_part).resolve()
+        if ROOT not in resolved.parents and resolved != ROOT:
+            bad.append(f"{target} (leaves the repository)")
+        elif not resolved.exists():
+            bad.append(f"{target} (no such file)")
+    assert not bad, f"{path.relative_to(ROOT)}: {bad}"
+
+
+@pytest.mark.parametrize("path", [p for p in LINKED if p.exists()], ids=lambda p: str(p.relative_to(ROOT)))
+def test_source_paths_named_in_docs_exist(path: Path) -> None:
+    missing = sorted(
+        {m["path"] for m in CODE_PATH.finditer(path.read_text()) if not (ROOT / m["path"]).exists()}
+    )
+    assert not missing, f"{path.relative_to(ROOT)} names files that do not exist: {missing}"
