@@ -131,3 +131,46 @@ def test_source_paths_named_in_docs_exist(path: Path) -> None:
         {m["path"] for m in CODE_PATH.finditer(path.read_text()) if not (ROOT / m["path"]).exists()}
     )
     assert not missing, f"{path.relative_to(ROOT)} names files that do not exist: {missing}"
+
+
+# ----------------------------------------------------------------------------- docs/architecture.md's rules
+def _imports(path: Path) -> list[tuple[str, bool]]:
+    """``(module, at top level)`` for every import in ``path``."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    top = set(map(id, tree.body))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, id(node) in top) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out.append((node.module, id(node) in top))
+    return out
+
+
+LIBRARY = [
+    p
+    for p in sorted((ROOT / "tq_loader").rglob("*.py"))
+    if not {"app", "bench"} & set(p.relative_to(ROOT / "tq_loader").parts[:1]) and p.name != "__main__.py"
+]
+
+
+def test_the_library_never_imports_the_app() -> None:
+    upward = [
+        f"{p.relative_to(ROOT)} imports {m}"
+        for p in LIBRARY
+        for m, _ in _imports(p)
+        if m.startswith(("tq_loader.app", "tq_loader.bench"))
+    ]
+    assert not upward, upward
+
+
+def test_ray_is_imported_at_module_level_only_by_the_ray_placement() -> None:
+    eager = [
+        str(p.relative_to(ROOT))
+        for p in LIBRARY
+        for m, top in _imports(p)
+        if top and (m == "ray" or m.startswith("ray."))
+    ]
+    assert eager == ["tq_loader/ray_cluster.py"] * len(eager) and eager, eager
