@@ -81,9 +81,9 @@ def _batch(rows: int) -> dict[str, Any]:
 
 def _key_of(manager: KVStorageManager, meta: BatchMeta, field: str, row: int = 0) -> str:
     """The KV key that holds ``field`` of row ``row`` of ``meta``."""
-    gid = int(meta.global_index_array[row])
-    tag = meta.get_all_custom_meta()[row][TAG_PREFIX + field]
-    return manager._key(str(meta.partition_id_array[row]), field, gid // manager.stripe_rows, tag)
+    key = manager.key_of(meta, row, field)
+    assert key is not None
+    return key
 
 
 def _counts(manager: KVStorageManager) -> dict[str, int]:
@@ -121,9 +121,10 @@ def test_backend_calls_grow_with_fields_times_blocks(rig: Any, rows: int) -> Non
 
 
 def test_index_travels_in_metadata(rig: Any) -> None:
-    core, _, loop = rig
+    core, manager, loop = rig
     meta = loop.run_until_complete(core.async_put({"x": torch.ones(5, 2)}, partition_id="idx"))
-    assert all(TAG_PREFIX + "x" in row for row in meta.get_all_custom_meta())
+    assert all(any(k.startswith(TAG_PREFIX) for k in row) for row in meta.get_all_custom_meta())
+    assert manager.key_of(meta, 0, "x") is not None
     hand_made = BatchMeta(meta.global_index_array, "idx", field_schema=meta.field_schema)
     with pytest.raises(NotFoundError, match="storage index"):
         loop.run_until_complete(core.async_get_data(hand_made))

@@ -77,7 +77,8 @@ def _mooncake_rounds(cfg: MooncakeConfig, keys: list[str], values: list[np.ndarr
     from mooncake.store import MooncakeDistributedStore, ReplicateConfig
 
     store = MooncakeDistributedStore()
-    if store.setup_dummy(0, 1 << 20, cfg.store_address) != 0:
+    staging = sum(v.nbytes for v in values) + (64 << 20)  # put_batch / get_batch stage through it
+    if store.setup_dummy(0, staging, cfg.store_address) != 0:
         raise RuntimeError(f"cannot attach to the Mooncake store process at {cfg.store_address}")
     rep = ReplicateConfig()
     rep.with_hard_pin = True

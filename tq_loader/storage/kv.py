@@ -14,13 +14,14 @@ columns are their raw bytes; jagged, "rows" and string/object columns go through
 block (two producers' batches share a stripe; a later put adds other fields to the same rows).
 A single value per block would need read-modify-write across processes, which neither Mooncake
 nor Yuanrong can do atomically. So every put writes its own values, keyed
-``tq:<cluster>/<partition>/<field>/<block>/<put id>.<rows>``, and the *index* -- which value holds
-field ``f`` of row ``i`` -- is a per-row tag ``_tq_kv:<f> = "<put id>.<rows>"`` kept by the
-controller (one ``SetTags`` request per put, sent before the client core makes the rows visible,
-so a reader that sees a row also sees where it lives). Readers find it in the metadata that
-``get_meta`` (and ``put``) return. A later put of the same field for a row replaces its tag; the
-replaced value is deleted once no row of it is left pointing at it. The tags are visible in the
-rows' ``custom_meta`` under the ``_tq_kv:`` prefix.
+``tq:<cluster>/<partition>/<field>/<block>/<put id>.<rows>.<bytes>``, and the *index* -- which
+value holds field ``f`` of row ``i`` -- is one per-row tag per put, ``_tq_kv:<put id> =
+"<rows>|<field>:<bytes>|..."``, kept by the controller (one ``SetTags`` request per put, sent
+before the client core makes the rows visible, so a reader that sees a row also sees where it
+lives). Readers find it in the metadata that ``get_meta``, ``put`` and ``kv_retrieve_meta`` return;
+for each field the latest put naming it wins. The replaced value is deleted once no row of it is
+left pointing at it. The tags are visible in the rows' ``custom_meta`` under the ``_tq_kv:``
+prefix (one small string per row and put: metadata copies stay cheap).
 
 **Lost data.** A key the backend no longer has, for a row the controller says is produced, raises
 :class:`StorageLost` naming those rows (the client core drops them and re-raises a
@@ -37,10 +38,11 @@ import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import fields as dc_fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import numpy as np
+import torch
 from tensordict import TensorDict
 
 from tq_loader import protocol as p
@@ -52,7 +54,7 @@ from tq_loader.metadata import BatchMeta, schema_of
 from tq_loader.schema import FieldSchema
 from tq_loader.stats import StorageStats
 from tq_loader.storage.base import BackendInfo, StorageLost, StorageManager, register_storage_manager
-from tq_loader.storage.columns import assemble, take_rows
+from tq_loader.storage.columns import assemble, copy_rows, take_rows, target_kind, torch_dtype
 from tq_loader.storage.kv_client import KVClient, as_bytes_view
 from tq_loader.striping import DEFAULT_STRIPE_ROWS, check_stripe_rows
 
@@ -80,7 +82,7 @@ def _align(n: int) -> int:
 
 
 def _quote(name: str) -> str:
-    return name.replace("%", "%25").replace("/", "%2F")
+    return name.replace("%", "%25").replace("/", "%2F").replace("|", "%7C").replace(":", "%3A")
 
 
 class _Value:
@@ -172,21 +174,20 @@ class KVStorageManager(StorageManager):
             out.setdefault((str(pid), int(block)), []).append(i)
         return [(pid, block, np.asarray(pos, np.int64)) for (pid, block), pos in out.items()]
 
-    def _where(self, meta: BatchMeta, name: str, custom: list[dict[str, Any]]) -> dict[str, list[int]]:
+    def _where(self, meta: BatchMeta, name: str, locs: list[dict[str, _Loc]]) -> dict[str, list[int]]:
         """key -> positions in ``meta`` of the rows whose field ``name`` that value holds."""
-        tag_key = TAG_PREFIX + name
         pids, blocks = (
             meta.partition_id_array.tolist(),
             (meta.global_index_array // self.stripe_rows).tolist(),
         )
         out: dict[str, list[int]] = {}
         missing = []
-        for i, row in enumerate(custom):
-            tag = row.get(tag_key)
-            if tag is None:
+        for i, row in enumerate(locs):
+            loc = row.get(name)
+            if loc is None:
                 missing.append(i)
                 continue
-            out.setdefault(self._key(str(pids[i]), name, int(blocks[i]), str(tag)), []).append(i)
+            out.setdefault(self._key(str(pids[i]), name, int(blocks[i]), loc.tag), []).append(i)
         if missing:
             ids = meta.global_index_array[missing[:8]].tolist()
             raise NotFoundError(
@@ -195,6 +196,14 @@ class KVStorageManager(StorageManager):
                 "metadata that get_meta() or put() returned (its custom_meta carries the index)"
             )
         return out
+
+    def key_of(self, meta: BatchMeta, row: int, name: str) -> str | None:
+        """The key of the value holding field ``name`` of row ``row`` of ``meta`` (None: no index)."""
+        loc = _locations(meta)[row].get(name)
+        if loc is None:
+            return None
+        block = int(meta.global_index_array[row]) // self.stripe_rows
+        return self._key(str(meta.partition_id_array[row]), name, block, loc.tag)
 
     # ------------------------------------------------------------------ put
     async def put_data(self, batch: PreparedBatch, meta: BatchMeta) -> None:
@@ -212,15 +221,19 @@ class KVStorageManager(StorageManager):
         values: list[_Value] = []
         row_tags: list[dict[str, str]] = [{} for _ in range(n)]
         for pid, block, pos in groups:
-            tag = f"{putid}.{len(pos)}"
             ids = np.ascontiguousarray(meta.global_index_array[pos], dtype="<i8").tobytes()
+            sizes = []
             for name, column in batch.columns.items():
                 part = column if len(groups) == 1 else take_rows(column, pos, copy=False)
                 specs, bufs = encode_columns({name: part})
-                header = _encode(_Header(specs[0], ids, [b.nbytes for b in bufs]))
-                values.append(_Value(self._key(pid, name, block, tag), header, bufs))
+                value = _Value("", _encode(_Header(specs[0], ids, [b.nbytes for b in bufs])), bufs)
+                value.key = self._key(pid, name, block, _Loc(putid, len(pos), value.nbytes).tag)
+                values.append(value)
+                sizes.append(f"|{_quote(name)}:{value.nbytes}")
+            # one tag per row and put: rows in the block's values, then each field's value size
+            tags = {TAG_PREFIX + putid: f"{len(pos)}{''.join(sizes)}"}
             for i in pos.tolist():
-                row_tags[i] = {TAG_PREFIX + name: tag for name in batch.columns}
+                row_tags[i] = tags
         await asyncio.to_thread(self._write, values)
         try:
             await self._publish_index(meta, row_tags)
@@ -228,11 +241,15 @@ class KVStorageManager(StorageManager):
             await asyncio.to_thread(self._forget, [v.key for v in values])
             raise
         with self._lock:
-            for pid, *_ in groups:
-                self._known.setdefault(pid, set()).update(
-                    v.key for v in values if v.key.startswith(self._prefix(pid))
-                )
-        meta.update_custom_meta(row_tags)
+            if len({pid for pid, *_ in groups}) == 1:
+                self._known.setdefault(groups[0][0], set()).update(v.key for v in values)
+            else:
+                for pid in {pid for pid, *_ in groups}:
+                    prefix = self._prefix(pid)
+                    self._known.setdefault(pid, set()).update(
+                        v.key for v in values if v.key.startswith(prefix)
+                    )
+        _merge_tags(meta, row_tags)
         if old:  # values no row points at any more (every row of them was overwritten)
             await asyncio.to_thread(self._forget, old)
 
@@ -290,25 +307,26 @@ class KVStorageManager(StorageManager):
                 timeout=self.request_timeout,
             )
 
-    def _replaced(self, meta: BatchMeta, names: list[str]) -> list[str]:
-        """Keys of the values this put replaces entirely (all their rows are rewritten, same fields)."""
-        custom = meta.get_all_custom_meta()
-        if not any(any(k.startswith(TAG_PREFIX) for k in row) for row in custom):
+    def _replaced(self, meta: BatchMeta, names: Sequence[str]) -> list[str]:
+        """Keys of the values of ``names`` all of whose rows are in ``meta`` (a put of those fields
+        for these rows replaces them; a clear of these rows frees them)."""
+        locs = _locations(meta)
+        if not any(locs):
             return []
-        out = []
         pids, blocks = (
             meta.partition_id_array.tolist(),
             (meta.global_index_array // self.stripe_rows).tolist(),
         )
-        for name in names:
-            counts: dict[tuple[str, int, str], int] = {}
-            for i, row in enumerate(custom):
-                tag = row.get(TAG_PREFIX + name)
-                if tag is not None:
-                    k = (str(pids[i]), int(blocks[i]), str(tag))
+        counts: dict[tuple[str, str, int, _Loc], int] = {}
+        for i, row in enumerate(locs):
+            for name in names:
+                loc = row.get(name)
+                if loc is not None:
+                    k = (str(pids[i]), name, int(blocks[i]), loc)
                     counts[k] = counts.get(k, 0) + 1
-            out += [self._key(pid, name, b, t) for (pid, b, t), c in counts.items() if _rows_of(t) == c]
-        return out
+        return [
+            self._key(pid, name, b, loc.tag) for (pid, name, b, loc), c in counts.items() if loc.rows == c
+        ]
 
     # ------------------------------------------------------------------ get
     async def get_data(self, meta: BatchMeta, fields: Sequence[str] | None = None) -> TensorDict:
@@ -317,34 +335,23 @@ class KVStorageManager(StorageManager):
         n = meta.size
         if n == 0:
             return to_tensordict({f: assemble([], 0, known[f], field=f) for f in fields if f in known}, 0)
-        custom = meta.get_all_custom_meta()
-        wanted = {name: self._where(meta, name, custom) for name in fields}
-        keys = list(dict.fromkeys(k for where in wanted.values() for k in where))
-        raws = dict(zip(keys, await asyncio.to_thread(self._fetch, keys, meta, wanted), strict=True))
-        ids = meta.global_index_array
-        columns: dict[str, Any] = {}
-        for name, where in wanted.items():
-            parts = []
-            for key, pos_list in where.items():
-                spec, value_ids, bufs = _parse(key, raws[key])
-                col = decode_columns([spec], bufs, copy=False)[spec.name]
-                pos = np.asarray(pos_list, np.int64)
-                idx = _index_of(value_ids, ids[pos])
-                if idx is None:
-                    raise NotFoundError(
-                        f"the {self.name} value {key!r} does not hold rows {ids[pos][:8].tolist()} of field {name!r}"
-                    )
-                parts.append((pos, col if idx is _ALL else take_rows(col, idx, copy=False)))
-            schema = _schema(name, known.get(name), parts)
-            columns[name] = assemble(parts, n, schema, field=name)
-        return to_tensordict(columns, n)
+        locs = _locations(meta)
+        wanted = {name: self._where(meta, name, locs) for name in fields}
+        reading = _Reading(meta, known, wanted)
+        await asyncio.to_thread(self._fetch, reading)
+        return to_tensordict(reading.columns(), n)
 
-    def _fetch(self, keys: list[str], meta: BatchMeta, wanted: dict[str, dict[str, list[int]]]) -> list[Any]:
-        out: list[Any] = []
+    def _fetch(self, reading: _Reading) -> None:
+        """Every value ``reading`` wants, copied out of the backend's memory as it arrives."""
+        keys = reading.keys
+        sizes = [_size_of(k) for k in keys]
         try:
             for start in range(0, len(keys), _MAX_KEYS):
-                out += self.client.get(keys[start : start + _MAX_KEYS])
+                part = slice(start, start + _MAX_KEYS)
+                known = None if any(n is None for n in sizes[part]) else sizes[part]
+                self.client.get_views(keys[part], known, reading.consume)
         except NotFoundError as exc:
+            meta, wanted = reading.meta, reading.wanted
             present = self.client.exists(keys)
             gone = {k for k, ok in zip(keys, present, strict=True) if not ok}
             if not gone:
@@ -362,7 +369,6 @@ class KVStorageManager(StorageManager):
                 f"({exc}); their rows are lost",
                 rows=[(pid, np.array(sorted(r), np.int64)) for pid, r in rows.items()],
             ) from None
-        return out
 
     # ------------------------------------------------------------------ clear
     async def clear_data(self, meta: BatchMeta) -> None:
@@ -370,8 +376,7 @@ class KVStorageManager(StorageManager):
         kept until they are cleared together or the partition is)."""
         if meta.size == 0:
             return
-        custom = meta.get_all_custom_meta()
-        names = {k[len(TAG_PREFIX) :] for row in custom for k in row if k.startswith(TAG_PREFIX)}
+        names = {name for row in _locations(meta) for name in row}
         keys = self._replaced(meta, sorted(names))
         if keys:
             await asyncio.to_thread(self._delete, keys)
@@ -412,11 +417,136 @@ class KVStorageManager(StorageManager):
 _ALL = object()
 
 
-def _rows_of(tag: str) -> int:
-    try:
-        return int(tag.rsplit(".", 1)[1])
-    except (IndexError, ValueError):
-        return -1
+class _Loc(NamedTuple):
+    """Where one field of a row lives: the put that wrote it, the rows and bytes of that value."""
+
+    putid: str
+    rows: int
+    nbytes: int
+
+    @property
+    def tag(self) -> str:
+        return f"{self.putid}.{self.rows}.{self.nbytes}"
+
+
+def _unquote(name: str) -> str:
+    return name.replace("%7C", "|").replace("%3A", ":").replace("%2F", "/").replace("%25", "%")
+
+
+def _parse_tag(putid: str, text: Any) -> dict[str, _Loc]:
+    rows, *fields = str(text).split("|")
+    out = {}
+    for item in fields:
+        name, _, size = item.rpartition(":")
+        out[_unquote(name)] = _Loc(putid, int(rows), int(size))
+    return out
+
+
+def _locations(meta: BatchMeta) -> list[dict[str, _Loc]]:
+    """Per row: field -> where its value is, from the rows' index tags (a later put wins)."""
+    memo: dict[tuple[tuple[str, Any], ...], dict[str, _Loc]] = {}
+    out = []
+    for row in _tags_of(meta):
+        items = tuple((k, v) for k, v in row.items() if k.startswith(TAG_PREFIX)) if row else ()
+        found = memo.get(items)
+        if found is None:
+            found = {}
+            for key, text in items:  # insertion order = the order the controller merged the puts
+                found.update(_parse_tag(key[len(TAG_PREFIX) :], text))
+            memo[items] = found
+        out.append(found)
+    return out
+
+
+def _tags_of(meta: BatchMeta) -> Sequence[Any]:
+    """Each row's custom meta (a dict, or None), read in place: the rows' ``get_all_custom_meta()``
+    deep-copies every dict, which costs more than the backend call for a 1024-row batch."""
+    custom = meta._custom
+    return [None] * meta.size if custom is None else custom
+
+
+def _merge_tags(meta: BatchMeta, row_tags: list[dict[str, str]]) -> None:
+    """Merge the index tags into ``meta``'s rows (``update_custom_meta`` without its deep copies:
+    the tags are strings, so a new dict per row shares nothing mutable)."""
+    custom = meta._custom
+    if isinstance(custom, list):  # the batch's live list of dicts: update them in place
+        for row, tags in zip(custom, row_tags, strict=True):
+            row.update(tags)
+        return
+    merged = np.empty(meta.size, dtype=object)
+    old = [None] * meta.size if custom is None else custom
+    for i, (row, tags) in enumerate(zip(old, row_tags, strict=True)):
+        merged[i] = {**row, **tags} if row else dict(tags)
+    meta._custom = merged
+
+
+class _Reading:
+    """One get: the values it wants, and the result columns they are copied into as they arrive.
+
+    Dense columns are allocated up front and every value's rows are copied straight from the
+    backend's (or its staging) memory into them -- one copy; other kinds are decoded into private
+    memory per value and assembled at the end.
+    """
+
+    def __init__(
+        self, meta: BatchMeta, known: dict[str, FieldSchema], wanted: dict[str, dict[str, list[int]]]
+    ):
+        self.meta, self.wanted = meta, wanted
+        self.field_of = {key: name for name, where in wanted.items() for key in where}
+        self.keys = list(self.field_of)
+        self.known = known
+        self.dense: dict[str, torch.Tensor] = {}
+        for name in wanted:
+            schema = known.get(name)
+            if schema is not None and target_kind(schema)[0] == "dense":
+                self.dense[name] = torch.empty((meta.size, *schema.shape), dtype=torch_dtype(schema.dtype))
+        self.parts: dict[str, list[tuple[np.ndarray, Any]]] = {name: [] for name in wanted}
+
+    def consume(self, keys: list[str], views: list[memoryview]) -> None:
+        ids = self.meta.global_index_array
+        for key, raw in zip(keys, views, strict=True):
+            name = self.field_of[key]
+            spec, value_ids, bufs = _parse(key, raw)
+            pos = np.asarray(self.wanted[name][key], np.int64)
+            idx = _index_of(value_ids, ids[pos])
+            if idx is None:
+                raise NotFoundError(
+                    f"the KV value {key!r} does not hold rows {ids[pos][:8].tolist()} of field {name!r}"
+                )
+            out = self.dense.get(name)
+            if out is not None and spec.kind == "dense" and _fits(out, spec):
+                col = decode_columns([spec], bufs, copy=False)[spec.name]
+                copy_rows(out, pos, col, None if idx is _ALL else idx)
+                self.parts[name].append((pos, None))  # rows already in ``out``
+                continue
+            if out is not None:  # a stale schema: assemble this field from private parts instead
+                self.dense.pop(name)
+                self.parts[name] = [(q, out[torch.from_numpy(q)]) for q, _ in self.parts[name]]
+            col = decode_columns([spec], bufs, copy=True)[spec.name]
+            self.parts[name].append((pos, col if idx is _ALL else take_rows(col, idx)))
+
+    def columns(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in self.wanted:
+            if name in self.dense:
+                out[name] = self.dense[name]
+            else:
+                parts = self.parts[name]
+                out[name] = assemble(
+                    parts, self.meta.size, _schema(name, self.known.get(name), parts), field=name
+                )
+        return out
+
+
+def _fits(out: torch.Tensor, spec: ColumnSpec) -> bool:
+    return str(out.dtype).removeprefix("torch.") == spec.dtype and tuple(out.shape[1:]) == tuple(
+        spec.shape[1:]
+    )
+
+
+def _size_of(key: str) -> int | None:
+    parts = key.rsplit("/", 1)[-1].split(".")
+    return int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else None
 
 
 def _index_of(value_ids: np.ndarray, want: np.ndarray) -> Any:

@@ -199,6 +199,22 @@ class KVClient(ABC):
         if keys:
             self._timed("get", len(keys), sum(v.nbytes for v in views), self._get_into, keys, views)
 
+    def get_views(
+        self,
+        keys: Sequence[str],
+        sizes: Sequence[int] | None,
+        consume: Callable[[list[str], list[memoryview]], None],
+    ) -> None:
+        """Read ``keys`` and hand their bytes to ``consume(keys, views)``, in one or more calls, with
+        views valid only during the call: the caller copies straight out of backend or staging
+        memory (one copy). ``sizes``: the stored sizes when known (saves a size lookup)."""
+        keys = self._check_keys(keys)
+        if sizes is not None and len(sizes) != len(keys):
+            raise SchemaError(f"get_views(): {len(keys)} keys but {len(sizes)} sizes")
+        if keys:
+            nbytes = None if sizes is None else sum(int(n) for n in sizes)
+            self._timed("get", len(keys), nbytes, self._get_views, keys, sizes, consume)
+
     def reserve(self, keys: Sequence[str], sizes: Sequence[int]) -> PendingPut:
         """Writable buffers of ``sizes`` for ``keys``: fill them, then ``commit()`` stores them all."""
         keys = self._check_keys(keys)
@@ -262,6 +278,17 @@ class KVClient(ABC):
             if src.nbytes != dst.nbytes:
                 raise SchemaError(f"key {key!r} holds {src.nbytes} bytes but its buffer has {dst.nbytes}")
             dst[:] = src
+
+    def _get_views(
+        self,
+        keys: list[str],
+        sizes: Sequence[int] | None,
+        consume: Callable[[list[str], list[memoryview]], None],
+    ) -> None:
+        views = self._get(keys)
+        if sizes is None:
+            self._add("bytes_got", sum(v.nbytes for v in views))
+        consume(keys, views)
 
     def _reserve(
         self, keys: list[str], sizes: list[int]

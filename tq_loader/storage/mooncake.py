@@ -303,6 +303,22 @@ class MooncakeKVClient(KVClient):
             finally:
                 self._arena.release(chunk, total)
 
+    def _get_views(self, keys: list[str], sizes: Any, consume: Any) -> None:
+        sizes = self._sizes(keys) if sizes is None else [int(n) for n in sizes]
+        for start, stop, total in _rounds(sizes, self._arena.size):
+            chunk = self._arena.alloc(total)
+            try:
+                offsets = self._layout(chunk, sizes[start:stop])
+                got = self._store.batch_get_into(
+                    keys[start:stop], [self._base + o for o in offsets], sizes[start:stop]
+                )
+                self._check_read(keys[start:stop], sizes[start:stop], got)
+                consume(
+                    keys[start:stop], [self._arena.view(o, n) for o, n in zip(offsets, sizes[start:stop])]
+                )
+            finally:
+                self._arena.release(chunk, total)
+
     def _check_read(self, keys: list[str], sizes: list[int], got: list[int]) -> None:
         missing = [k for k, n in zip(keys, got) if n == -704]
         if missing:
