@@ -101,8 +101,10 @@ class AsyncClient:
         self, controller_address: str, *, config: ClientConfig | None = None, auth_token: str | None = None
     ) -> None:
         self.controller_address = args.name("controller_address", controller_address)
-        self.config = config or ClientConfig()
-        self._token = auth_token
+        self.config = (
+            args.instance("config", config, ClientConfig, "a ClientConfig", optional=True) or ClientConfig()
+        )
+        self._token = None if auth_token is None else args.key("auth_token", auth_token)
         self._channels: dict[str, Channel] = {}
         self._storage: StorageManager | None = None
         self._cluster: p.ClusterInfo | None = None
@@ -209,7 +211,7 @@ class AsyncClient:
             task_name=args.optional_name("task_name", task_name),
             sampler=args.optional_name("sampler", sampler),
             sampling_config=cfg,
-            allow_partial=bool(allow_partial),
+            allow_partial=args.flag("allow_partial", allow_partial),
             dp_rank=None if dp_rank is None else args.count("dp_rank", dp_rank),
             dp_size=args.count("dp_size", dp_size, minimum=1),
             batch_index=None if batch_index is None else args.count("batch_index", batch_index),
@@ -294,7 +296,7 @@ class AsyncClient:
         _check_meta("metadata", metadata)
         if metadata.size == 0:
             return
-        rows = [args.plain_mapping(f"tags[{i}]", t) for i, t in enumerate(tags)]
+        rows = [args.plain_mapping(f"tags[{i}]", t) for i, t in enumerate(args.sequence("tags", tags))]
         await self._call(
             p.SetTags(
                 partition_id=_single_partition(metadata, "set_tags()"),
@@ -409,6 +411,7 @@ class AsyncClient:
         _check_meta("metadata", metadata)
         if not isinstance(copy, bool):
             raise ArgumentError(f"copy must be True or False, not {type(copy).__name__}")
+        device = args.device("device", device)
         started = time.monotonic()
         storage = await self.storage()
         if not copy and storage.supports_views:
@@ -540,8 +543,8 @@ class AsyncClient:
         keys = args.names("keys", keys, allow_empty=False)
         reply: p.KVLookupReply = await self._call(
             p.KVLookup(
-                partition_id=args.name("partition_id", partition_id), keys=keys, create=bool(create),
-                missing_ok=bool(missing_ok),
+                partition_id=args.name("partition_id", partition_id), keys=keys, create=args.flag("create", create),
+                missing_ok=args.flag("missing_ok", missing_ok),
             )
         )  # fmt: skip
         meta = BatchMeta.from_wire(reply.meta)
@@ -581,6 +584,7 @@ class AsyncClient:
         keys = args.names("keys", keys, allow_empty=False)
         pid = args.name("partition_id", partition_id)
         batch = prepare_batch(data)
+        tags = None if tags is None else args.mappings("tags", tags)
         if batch.size != len(keys):
             raise ArgumentError(f"{batch.size} rows of data for {len(keys)} keys")
         reply: p.KVLookupReply = await self._call(
@@ -636,7 +640,8 @@ class AsyncClient:
     async def async_import_state(self, state: Mapping[str, Any], *, dry_run: bool = False) -> None:
         """Replace the controller's whole state with ``state`` (from ``export_state``); storage untouched.
         ``dry_run``: only let the controller validate it (it raises what a real import would)."""
-        await self._call(p.ImportState(state=dict(state), dry_run=bool(dry_run)))
+        state = args.mapping("state", state)
+        await self._call(p.ImportState(state=dict(state), dry_run=args.flag("dry_run", dry_run)))
 
     async def async_close(self) -> None:
         if self._storage is not None:
@@ -728,8 +733,10 @@ class Client:
         self, controller_address: str, *, config: ClientConfig | None = None, auth_token: str | None = None
     ) -> None:
         self.controller_address = args.name("controller_address", controller_address)
-        self.config = config or ClientConfig()
-        self._token = auth_token
+        self.config = (
+            args.instance("config", config, ClientConfig, "a ClientConfig", optional=True) or ClientConfig()
+        )
+        self._token = None if auth_token is None else args.key("auth_token", auth_token)
         self._lock = threading.Lock()
         self._pid = -1
         self._loop: LoopThread | None = None
@@ -755,6 +762,10 @@ class Client:
         ``fn`` is a coroutine function of the :class:`AsyncClient` (e.g. ``lambda c: c.async_put(td,
         partition_id="p")``); cancelling the future cancels the call, in the server too.
         """
+        if not callable(fn):
+            raise ArgumentError(
+                f"fn must be a coroutine function of the AsyncClient, got {type(fn).__name__}"
+            )
         loop, core = self._ensure()
 
         async def call() -> R:
