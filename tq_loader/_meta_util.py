@@ -13,7 +13,7 @@ import msgspec
 import numpy as np
 import torch
 
-from tq_loader.errors import NotFoundError, ProtocolError, SchemaError
+from tq_loader.errors import ArgumentError, NotFoundError, ProtocolError, SchemaError
 from tq_loader.ids import int_vector
 from tq_loader.schema import FieldSchema, normalize_schema
 
@@ -45,6 +45,13 @@ def _frozen(arr: np.ndarray) -> np.ndarray:
 def _int_array(values: Any, what: str, dtype: type = np.int64, kinds: str = "iu") -> np.ndarray:
     """A fresh 1-D integer array from a list/array/tensor, refusing floats (and bools unless allowed)."""
     return int_vector(values, what, dtype, kinds, copy=True)
+
+
+def _extra_key(arg: str, key: Any) -> str:
+    """extra_info keys are ``str`` (the batch travels as msgpack, whose map keys here are str)."""
+    if not isinstance(key, str):
+        raise ArgumentError(f"{arg} must be a str, got {key!r} ({type(key).__name__})")
+    return key
 
 
 def _chunk_slices(size: int, chunks: int) -> list[slice]:
@@ -288,6 +295,11 @@ class RowMetaMixin:
                 raise NotFoundError(f"custom_meta for global indexes {missing} not in this batch")
             pairs = [(where[g], meta) for g, meta in custom_meta.items()]
         else:
+            if isinstance(custom_meta, (str, bytes)) or not isinstance(custom_meta, Sequence):
+                raise ArgumentError(
+                    f"custom_meta must be a list of dicts (one per row) or {{global_index: dict}}, "
+                    f"got {type(custom_meta).__name__}"
+                )
             if len(custom_meta) != self.size:
                 raise SchemaError(f"custom_meta has {len(custom_meta)} entries for a batch of {self.size}")
             pairs = list(enumerate(custom_meta))
@@ -306,22 +318,26 @@ class RowMetaMixin:
         self._custom = None
 
     def get_extra_info(self, key: str, default: Any = None) -> Any:
-        return self.extra_info.get(key, default)
+        return self.extra_info.get(_extra_key("key", key), default)
 
     def set_extra_info(self, key: str, value: Any) -> None:
-        self.extra_info[key] = value
+        self.extra_info[_extra_key("key", key)] = value
 
     def update_extra_info(self, info_dict: Mapping[str, Any]) -> None:
+        if not isinstance(info_dict, Mapping):
+            raise ArgumentError(f"info_dict must be a dict, got {type(info_dict).__name__}")
+        for k in info_dict:
+            _extra_key("info_dict keys", k)
         self.extra_info.update(info_dict)
 
     def remove_extra_info(self, key: str) -> Any:
-        return self.extra_info.pop(key, None)
+        return self.extra_info.pop(_extra_key("key", key), None)
 
     def clear_extra_info(self) -> None:
         self.extra_info.clear()
 
     def has_extra_info(self, key: str) -> bool:
-        return key in self.extra_info
+        return _extra_key("key", key) in self.extra_info
 
     def get_all_extra_info(self) -> dict[str, Any]:
         return copy.deepcopy(self.extra_info)

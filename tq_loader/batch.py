@@ -79,7 +79,7 @@ def prepare_batch(data: Any) -> PreparedBatch:
         return data
     if not isinstance(data, (TensorDictBase, Mapping)):
         raise SchemaError(
-            f"put() takes a TensorDict or a dict of field -> column, got {type(data).__name__}; "
+            f"data must be a TensorDict or a dict of field -> column, got {type(data).__name__}; "
             "wrap the columns in a dict"
         )
     columns: dict[str, Any] = {}

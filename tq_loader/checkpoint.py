@@ -48,6 +48,7 @@ import msgspec
 import numpy as np
 import torch
 
+from tq_loader import args
 from tq_loader.batch import PreparedBatch
 from tq_loader.client import AsyncClient, Client
 from tq_loader.codec import ColumnSpec, column_length, decode_columns, encode_columns
@@ -136,10 +137,11 @@ def save_checkpoint(
     but has no effect: the built-in storage is in memory, so its rows are always saved (a warning
     says so). ``client``: default ``tq_loader.api.get_client()``.
     """
+    target = Path(args.path("checkpoint_dir", checkpoint_dir))
     _warn_include_storage(include_storage)
     packed = _pack_metadata(metadata)
     state, chunks = _run(_client(client), _collect)
-    return str(_write_checkpoint(Path(checkpoint_dir), state, chunks, packed))
+    return str(_write_checkpoint(target, state, chunks, packed))
 
 
 def load_checkpoint(
@@ -150,8 +152,10 @@ def load_checkpoint(
     A missing checkpoint raises :class:`~tq_loader.errors.CheckpointNotFoundError` (a
     ``FileNotFoundError``); a damaged one ``ProtocolError`` -- in both cases before the cluster is touched.
     """
-    state, chunks, metadata = _read_checkpoint(Path(checkpoint_dir))
-    _run(_client(client), lambda core: _apply(core, state, chunks))
+    source = Path(args.path("checkpoint_dir", checkpoint_dir))
+    client = _client(client)  # checked before the checkpoint is read
+    state, chunks, metadata = _read_checkpoint(source)
+    _run(client, lambda core: _apply(core, state, chunks))
     return metadata
 
 
@@ -163,23 +167,26 @@ async def async_save_checkpoint(
     client: AnyClient | None = None,
 ) -> str:
     """:func:`save_checkpoint` for async code (file I/O on a worker thread)."""
+    target = Path(args.path("checkpoint_dir", checkpoint_dir))
     _warn_include_storage(include_storage)
     packed = _pack_metadata(metadata)
     state, chunks = await _arun(_client(client), _collect)
-    return str(await asyncio.to_thread(_write_checkpoint, Path(checkpoint_dir), state, chunks, packed))
+    return str(await asyncio.to_thread(_write_checkpoint, target, state, chunks, packed))
 
 
 async def async_load_checkpoint(
     checkpoint_dir: str | os.PathLike[str], *, client: AnyClient | None = None
 ) -> dict[str, Any]:
     """:func:`load_checkpoint` for async code (file I/O on a worker thread)."""
-    state, chunks, metadata = await asyncio.to_thread(_read_checkpoint, Path(checkpoint_dir))
-    await _arun(_client(client), lambda core: _apply(core, state, chunks))
+    source = Path(args.path("checkpoint_dir", checkpoint_dir))
+    client = _client(client)  # checked before the checkpoint is read
+    state, chunks, metadata = await asyncio.to_thread(_read_checkpoint, source)
+    await _arun(client, lambda core: _apply(core, state, chunks))
     return metadata
 
 
 def _warn_include_storage(include_storage: bool) -> None:
-    if not include_storage:
+    if not args.flag("include_storage", include_storage):
         warnings.warn(
             "save_checkpoint(include_storage=False) has no effect with the built-in storage: its rows live "
             "in memory and are always saved (drop the argument to silence this)",
@@ -193,7 +200,7 @@ def _warn_include_storage(include_storage: bool) -> None:
 
 def _client(client: AnyClient | None) -> AnyClient:
     if client is not None:
-        return client
+        return args.instance("client", client, (Client, AsyncClient), "a tq_loader Client or AsyncClient")
     from tq_loader.api import get_client  # lazily: the top-level package imports both modules
 
     return get_client()

@@ -28,6 +28,7 @@ import torch
 from tensordict import TensorDictBase
 
 from tq_loader import _meta_util as rows
+from tq_loader import args
 from tq_loader._meta_util import (
     RowMetaMixin,
     _chunk_slices,
@@ -280,18 +281,16 @@ class BatchMeta(RowMetaMixin):
 
     # ------------------------------------------------------------ row / field selection
 
-    def _positions(self, indexes: Any) -> np.ndarray:
+    def _positions(self, indexes: Any, arg: str = "sample_indices") -> np.ndarray:
         """Validated row positions from a list/array/tensor of ints or a boolean mask."""
         if isinstance(indexes, torch.Tensor):
             indexes = indexes.detach().cpu().numpy()
         arr = np.asarray(indexes)
         if arr.dtype == np.bool_ and arr.shape == (self.size,):
             return np.flatnonzero(arr)
-        pos = _int_array(arr, "sample indexes")
+        pos = _int_array(arr, arg)
         if pos.size and (pos.min() < 0 or pos.max() >= self.size):
-            raise SchemaError(
-                f"sample indexes must lie in [0, {self.size}), got min {pos.min()} max {pos.max()}"
-            )
+            raise SchemaError(f"{arg} must lie in [0, {self.size}), got min {pos.min()} max {pos.max()}")
         return pos
 
     def select_samples(self, sample_indices: Any) -> BatchMeta:
@@ -303,7 +302,7 @@ class BatchMeta(RowMetaMixin):
 
         Unknown names raise ``NotFoundError`` (TransferQueue silently leaves them out).
         """
-        names = [field_names] if isinstance(field_names, str) else list(field_names)
+        names = args.names("field_names", field_names)
         missing = [n for n in names if n not in self._schema]
         if missing:
             raise NotFoundError(
@@ -335,6 +334,7 @@ class BatchMeta(RowMetaMixin):
         return [schema.shape] * self.size
 
     def _field(self, name: str) -> FieldSchema:
+        args.name("field_name", name)
         try:
             return self._schema[name]
         except KeyError:
@@ -399,7 +399,7 @@ class BatchMeta(RowMetaMixin):
         if other is None or (isinstance(other, BatchMeta) and other.size == 0):
             return self.copy()
         if not isinstance(other, BatchMeta):
-            raise SchemaError(f"union needs a BatchMeta, got {type(other).__name__}")
+            raise SchemaError(f"union needs a BatchMeta as other, got {type(other).__name__}")
         if self.size == 0:
             return other.copy()
         for what, mine, theirs in (
@@ -424,8 +424,10 @@ class BatchMeta(RowMetaMixin):
         """Permute the rows in place: row ``i`` becomes the old row ``indices[i]``."""
         pos = np.asarray(indices.detach().cpu() if isinstance(indices, torch.Tensor) else indices)
         if pos.shape != (self.size,) or pos.dtype == np.bool_:
-            raise SchemaError(f"reorder needs {self.size} int indexes, got shape {pos.shape} ({pos.dtype})")
-        pos = self._positions(pos)
+            raise SchemaError(
+                f"reorder: indices must be {self.size} ints, got shape {pos.shape} ({pos.dtype})"
+            )
+        pos = self._positions(pos, "indices")
         if np.unique(pos).size != self.size:
             raise SchemaError("reorder indexes must be a permutation of range(size); got duplicates")
         self._gidx, self._pids, self._status = (
@@ -443,7 +445,10 @@ class BatchMeta(RowMetaMixin):
     def add_fields(self, tensor_dict: TensorDictBase, set_all_ready: bool = True) -> BatchMeta:
         """Record the columns of ``tensor_dict`` as fields of every row (in place); marks rows ready."""
         if not isinstance(tensor_dict, TensorDictBase):
-            raise SchemaError(f"add_fields needs a TensorDict, got {type(tensor_dict).__name__}")
+            raise SchemaError(
+                f"add_fields: tensor_dict must be a TensorDict, got {type(tensor_dict).__name__}"
+            )
+        set_all_ready = args.flag("set_all_ready", set_all_ready)
         batch = tuple(tensor_dict.batch_size)
         if not batch or batch[0] != self.size:
             raise SchemaError(

@@ -31,8 +31,9 @@ from tensordict import TensorDict, TensorDictBase
 from torch.utils.data import DataLoader
 from torchdata.nodes import BaseNode, Loader, Mapper, ParallelMapper, PinMemory, Prefetcher
 
+from tq_loader import args
 from tq_loader._meta_util import warn_once
-from tq_loader.errors import TQTimeoutError
+from tq_loader.errors import ArgumentError, TQTimeoutError
 from tq_loader.loader.buffer import BatchBuffer
 from tq_loader.loader.calls import LoaderClosed, MetaCalls
 from tq_loader.loader.collate import passthrough
@@ -85,7 +86,26 @@ class StreamingDataLoader(DataLoader):
         nodes: Sequence[NodeBuilder] = (),
     ) -> None:
         if not isinstance(dataset, StreamingDataset):
-            raise TypeError(f"StreamingDataLoader needs a StreamingDataset, got {type(dataset).__name__}")
+            raise ArgumentError(
+                f"StreamingDataLoader: dataset must be a StreamingDataset, got {type(dataset).__name__}"
+            )
+        for name, flag in (
+            ("pin_memory", pin_memory),
+            ("persistent_workers", persistent_workers),
+            ("in_order", in_order),
+        ):
+            args.flag(name, flag)
+        if drop_last is not UNSET:
+            args.flag("drop_last", drop_last)
+        for name, fn in (("collate_fn", collate_fn), ("worker_init_fn", worker_init_fn)):
+            args.callable_or_none(name, fn)
+        args.integer("num_workers", num_workers)  # the values: check_torch_options, in torch's words
+        args.number("timeout", timeout)
+        if prefetch_factor is not None:
+            args.integer("prefetch_factor", prefetch_factor)
+        args.key("pin_memory_device", pin_memory_device)
+        args.optional_name("collate", collate)
+        nodes = args.sequence("nodes", nodes, "a list of node builders")
         check_torch_options(
             dataset, num_workers=num_workers, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
             batch_sampler=batch_sampler, drop_last=drop_last, timeout=timeout, generator=generator,

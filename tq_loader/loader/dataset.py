@@ -29,6 +29,7 @@ from typing import Any
 from tensordict import TensorDict
 from torch.utils.data import IterableDataset, get_worker_info
 
+from tq_loader import args
 from tq_loader.errors import TQTimeoutError
 from tq_loader.loader.batching import chunk_batch_fn, default_fetch_batch_fn, meta_options, meta_request
 from tq_loader.loader.buffer import BatchBuffer
@@ -80,6 +81,7 @@ class StreamingDataset(IterableDataset):
         log_wait_after: float | None = 5.0,
     ) -> None:
         super().__init__()
+        _check_types(locals())
         fields = [data_fields] if isinstance(data_fields, str) else list(data_fields)
         micro_batch_size = batch_size if micro_batch_size is None else micro_batch_size
         if batch_size < 1 or micro_batch_size < 1:
@@ -287,3 +289,23 @@ class StreamingDataset(IterableDataset):
             return
         finally:
             calls.cancel()
+
+
+def _check_types(given: dict[str, Any]) -> None:
+    """Wrong types fail here, by name, before anything is built or any request waits."""
+    for name in ("batch_size", "dp_rank", "start_batch_index"):
+        args.integer(name, given[name])
+    for name in ("micro_batch_size", "dp_size"):
+        if given[name] is not None:
+            args.integer(name, given[name])
+    args.names("data_fields", given["data_fields"])
+    args.name("partition_id", given["partition_id"])
+    args.name("task_name", given["task_name"])
+    args.optional_name("sampler", given["sampler"])
+    args.mapping("sampling_config", given["sampling_config"], optional=True)
+    for name in ("should_check_consumption_status", "drop_last", "copy"):
+        args.flag(name, given[name])
+    for name in ("fetch_batch_fn", "process_batch_fn"):
+        args.callable_or_none(name, given[name])
+    args.number("timeout", given["timeout"], optional=True)
+    args.number("log_wait_after", given["log_wait_after"], optional=True)

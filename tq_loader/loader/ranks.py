@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tq_loader._meta_util import warn_once
+from tq_loader.errors import ArgumentError
 
 __all__ = ["RANK_STRIDE", "RankLayout", "resolve_ranks"]
 
@@ -55,10 +56,10 @@ class RankLayout:
 def resolve_ranks(dp_rank: int, dp_size: int | None) -> RankLayout:
     """Check ``dp_rank``/``dp_size``; without ``dp_size`` choose independent mode (see module doc)."""
     if isinstance(dp_rank, bool) or not isinstance(dp_rank, int) or dp_rank < 0:
-        raise ValueError(f"dp_rank must be a non-negative int, got {dp_rank!r}")
+        raise ArgumentError(f"dp_rank must be a non-negative int, got {dp_rank!r}")
     if dp_size is not None:
         if isinstance(dp_size, bool) or not isinstance(dp_size, int) or dp_size < 1:
-            raise ValueError(f"dp_size must be a positive int, got {dp_size!r}")
+            raise ArgumentError(f"dp_size must be a positive int, got {dp_size!r}")
         if dp_rank >= dp_size:
             raise ValueError(f"dp_rank must be in [0, dp_size={dp_size}), got {dp_rank}")
         return RankLayout(dp_rank, dp_size)

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from tq_loader import args
 from tq_loader.errors import ArgumentError, NotFoundError
 
 __all__ = [
@@ -235,10 +236,11 @@ def register_sampler(name: str, cls: S | None = None, *, replace: bool = False) 
     """
     if not isinstance(name, str) or not name:
         raise ArgumentError(f"sampler name must be a non-empty string, got {name!r}")
+    replace = args.flag("replace", replace)
 
     def _register(klass: S) -> S:
         if not (isinstance(klass, type) and issubclass(klass, BaseSampler)):
-            raise ArgumentError(f"sampler {name!r} must be a subclass of BaseSampler, got {klass!r}")
+            raise ArgumentError(f"cls for sampler {name!r} must be a subclass of BaseSampler, got {klass!r}")
         current = _REGISTRY.get(name)
         if current is not None and current is not klass and not replace:
             raise ArgumentError(
