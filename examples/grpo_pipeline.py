@@ -4,8 +4,8 @@
     python examples/grpo_pipeline.py placement=ray loader.batch_size=64
     python examples/grpo_pipeline.py sampler=seqlen_balanced demo.prompts=128 demo.workers=thread
 
-The config is composed from ``configs/config.yaml`` (groups: placement, storage, loader, sampler,
-demo) over the structured schema ``tq_loader.config.PipelineConfig``; unknown keys are errors.
+The config is composed from ``tq_loader/configs/config.yaml`` (groups: placement, storage, loader, sampler,
+demo) over the structured schema ``tq_loader.app.config.PipelineConfig``; unknown keys are errors.
 Every stage builds its objects with ``hydra.utils.instantiate``: each trainer rank calls
 ``instantiate(cfg.loader, dp_rank=r)`` (``_target_: tq_loader.hydra_conf.build_loader``) and
 ``instantiate(cfg.demo.model)``. ``tq-loader demo`` runs the same pipeline.
@@ -18,13 +18,13 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from tq_loader.config import register_configs
-from tq_loader.demo import run_pipeline
+from tq_loader.app.config import register_configs
+from tq_loader.app.demo import run_pipeline
 
 register_configs()  # the structured schemas the YAML defaults list starts from
 
 
-@hydra.main(config_path="../configs", config_name="config", version_base="1.3")
+@hydra.main(config_path="pkg://tq_loader.configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     code = run_pipeline(cfg)
     if code:

@@ -19,7 +19,7 @@ import tq_loader as tq
 def served_cluster():
     env = {k: v for k, v in os.environ.items() if k != "TQ_LOADER_ADDRESS"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tq_loader.cli", "serve", "storage.num_units=3"],
+        [sys.executable, "-m", "tq_loader", "serve", "storage.num_units=3"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
     )  # fmt: skip
     try:
@@ -46,7 +46,7 @@ def test_serve_attach_put_get_and_status(served_cluster):
     finally:
         tq.close()
     out = subprocess.run(
-        [sys.executable, "-m", "tq_loader.cli", "status", "--address", address, "--json"],
+        [sys.executable, "-m", "tq_loader", "status", "--address", address, "--json"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr

@@ -18,9 +18,9 @@ import torch
 from conftest import stop_cluster
 from tensordict import TensorDict
 
-from tq_loader.demo import make_plan, run_demo
-from tq_loader.demo_stages import grpo_loss, reward_fn, tiny_policy
-from tq_loader.hydra_conf import compose
+from tq_loader.app.config import compose
+from tq_loader.app.demo import make_plan, run_demo
+from tq_loader.app.demo_stages import grpo_loss, reward_fn, tiny_policy
 
 SMALL = ["demo.prompts=32", "demo.rollout_chunk=4", "demo.reward_batch_size=16", "loader.batch_size=8",
          "loader.micro_batch_size=4", "demo.progress=false"]  # fmt: skip
@@ -59,7 +59,7 @@ def test_cli_demo_with_stage_processes(tmp_path: Path) -> None:
     cmd = [
         sys.executable,
         "-m",
-        "tq_loader.cli",
+        "tq_loader",
         "demo",
         *SMALL,
         "demo.workers=process",

@@ -1,4 +1,4 @@
-"""Hydra/OmegaConf: the YAML under configs/ composes the structured PipelineConfig; loaders are
+"""Hydra/OmegaConf: the YAML under tq_loader/configs/ composes the structured PipelineConfig; loaders are
 built with ``hydra.utils.instantiate``; ``examples/grpo_pipeline.py`` runs as a Hydra app."""
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tensordict import TensorDict
 
+import tq_loader.app.config as app_config
 import tq_loader.hydra_conf as hc
-from tq_loader.config import LoaderNode, PipelineConfig, TQConfig, register_configs
+from tq_loader.app.config import LoaderNode, PipelineConfig, register_configs
+from tq_loader.config import TQConfig
 from tq_loader.loader import StreamingDataLoader
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,29 +37,31 @@ def client(local_client: Any) -> Any:
 
 
 def test_defaults_compose_the_structured_tree() -> None:
-    cfg = hc.compose()
+    cfg = app_config.compose()
     assert OmegaConf.get_type(cfg) is PipelineConfig
     assert cfg.placement == "local" and cfg.storage.backend == "simple" and cfg.storage.num_units == 2
     assert cfg.loader._target_ == "tq_loader.hydra_conf.build_loader"
     assert cfg.loader.sampler == "grpo_group_n"
     assert cfg.loader.sampling_config.n_samples_per_prompt == cfg.demo.n_samples  # interpolated
-    assert cfg.demo.model._target_ == "tq_loader.demo_stages.tiny_policy"
+    assert cfg.demo.model._target_ == "tq_loader.app.demo_stages.tiny_policy"
     assert "hydra" not in cfg
 
 
 def test_group_and_key_overrides() -> None:
-    cfg = hc.compose(["placement=ray", "loader.batch_size=64", "sampler=seqlen_balanced", "demo.n_samples=8"])
+    cfg = app_config.compose(
+        ["placement=ray", "loader.batch_size=64", "sampler=seqlen_balanced", "demo.n_samples=8"]
+    )
     assert cfg.placement == "ray" and cfg.ray.name == "tq_loader_demo" and cfg.ray.num_cpus == 0.0
     assert cfg.loader.batch_size == 64
     assert cfg.loader.sampler == "seqlen_balanced"
     assert cfg.loader.sampling_config.n_samples_per_prompt == 8
-    assert hc.compose(["sampler=sequential"]).loader.sampler == "sequential"
+    assert app_config.compose(["sampler=sequential"]).loader.sampler == "sequential"
 
 
 @pytest.mark.parametrize("override", ["loader.batchsize=3", "loader.batch_size=many", "storage=mooncake"])
 def test_bad_overrides_are_rejected(override: str) -> None:
     with pytest.raises(ConfigCompositionException):
-        hc.compose([override])
+        app_config.compose([override])
 
 
 def test_schemas_are_registered() -> None:
@@ -70,14 +74,14 @@ def test_schemas_are_registered() -> None:
 
 def test_structured_defaults_equal_the_yaml(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Without configs/ (an installed wheel) the app composes the same tree from the dataclasses."""
-    from_yaml = OmegaConf.to_container(hc.compose(["loader.batch_size=16"]), resolve=True)
-    monkeypatch.setattr(hc, "CONFIG_DIR", tmp_path)
-    structured = OmegaConf.to_container(hc.compose(["loader.batch_size=16"]), resolve=True)
+    from_yaml = OmegaConf.to_container(app_config.compose(["loader.batch_size=16"]), resolve=True)
+    monkeypatch.setattr(app_config, "CONFIG_DIR", tmp_path)
+    structured = OmegaConf.to_container(app_config.compose(["loader.batch_size=16"]), resolve=True)
     assert structured == from_yaml
 
 
 def test_cluster_config_keeps_only_the_cluster_tree() -> None:
-    conf = hc.cluster_config(hc.compose(["storage.num_units=3", "placement=ray"]))
+    conf = hc.cluster_config(app_config.compose(["storage.num_units=3", "placement=ray"]))
     assert isinstance(conf, TQConfig) and not isinstance(conf, PipelineConfig)
     assert conf.storage.num_units == 3 and conf.placement == "ray"
     assert conf.loader.batch_size == 32 and not hasattr(conf.loader, "_target_")
@@ -91,7 +95,7 @@ def test_loader_kwargs_validates_keys() -> None:
 
 
 def test_instantiate_builds_disjoint_rank_loaders(client: Any, pid: str) -> None:
-    cfg = hc.compose(["sampler=sequential", "loader.data_fields=[x]", "loader.collate=null",
+    cfg = app_config.compose(["sampler=sequential", "loader.data_fields=[x]", "loader.collate=null",
                       "loader.batch_size=4", "loader.micro_batch_size=2", "loader.dp_size=2"])  # fmt: skip
     client.put(TensorDict({"x": torch.arange(16)}, batch_size=[16]), partition_id=pid)
     client.seal(pid)

@@ -98,7 +98,7 @@ def served() -> Iterator[str]:
     """``tq-loader serve`` in a subprocess; this process attaches to it."""
     env = {k: v for k, v in os.environ.items() if k not in ("TQ_LOADER_ADDRESS", "TQ_LOADER_AUTH_TOKEN")}
     server = subprocess.Popen(
-        [sys.executable, "-m", "tq_loader.cli", "serve"], stdout=subprocess.PIPE, text=True, env=env
+        [sys.executable, "-m", "tq_loader", "serve"], stdout=subprocess.PIPE, text=True, env=env
     )
     try:
         assert server.stdout is not None
@@ -215,7 +215,7 @@ def free_ports(n: int) -> list[int]:
 def serve(*overrides: str) -> tuple[subprocess.Popen[str], str]:
     env = {k: v for k, v in os.environ.items() if k not in ("TQ_LOADER_ADDRESS", "TQ_LOADER_AUTH_TOKEN")}
     server = subprocess.Popen(
-        [sys.executable, "-m", "tq_loader.cli", "serve", *overrides],
+        [sys.executable, "-m", "tq_loader", "serve", *overrides],
         stdout=subprocess.PIPE,
         text=True,
         env=env,

@@ -16,11 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 __all__ = [
     "ClientConfig",
     "ControllerConfig",
-    "DemoConfig",
     "LoaderConfig",
-    "LoaderNode",
-    "ModelConfig",
-    "PipelineConfig",
+    "MetricsConfig",
     "RayConfig",
     "StorageConfig",
     "TQConfig",
@@ -108,6 +105,19 @@ class LoaderConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """A Prometheus endpoint (``prometheus_client``) served by the process that hosts the controller."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"  # bind address of the HTTP endpoint
+    port: int = 0  # 0: a free port (``tq.get_metrics_endpoint()`` says which)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"metrics.port must be in 0..65535 (0: a free port), got {self.port}")
+
+
+@dataclass
 class TQConfig:
     """Root of the tree. ``placement``: local (embedded threads, no Ray) or ray (named actors)."""
 
@@ -119,6 +129,7 @@ class TQConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -169,88 +180,11 @@ def _from_transfer_queue(conf: Any) -> Any:
 
 
 def register_configs() -> None:
-    """Register the tree in Hydra's ConfigStore (``tq_loader`` node)."""
-    from hydra.core.config_store import ConfigStore
+    """Register the cluster tree in Hydra's ConfigStore (``tq_loader_schema``).
 
-    cs = ConfigStore.instance()
-    cs.store(name="tq_loader_schema", node=TQConfig)
-    _register_app_configs()  # the pipeline app's root, loader and demo schemas (below)
-
-
-# ---------------------------------------------------------------------- the pipeline app (Hydra)
-# Appended for the Hydra app (examples/grpo_pipeline.py, ``tq-loader demo``): the root is the
-# TQConfig tree plus a ``demo`` node; ``loader`` carries a ``_target_`` so that
-# ``hydra.utils.instantiate(cfg.loader, dp_rank=r)`` builds a StreamingDataLoader.
-
-
-@dataclass
-class LoaderNode(LoaderConfig):
-    """A :class:`LoaderConfig` that ``hydra.utils.instantiate`` turns into a StreamingDataLoader."""
-
-    _target_: str = "tq_loader.hydra_conf.build_loader"
-
-
-@dataclass
-class ModelConfig:
-    """The demo trainer's tiny policy (built with ``hydra.utils.instantiate``)."""
-
-    _target_: str = "tq_loader.demo_stages.tiny_policy"
-    vocab_size: int = 256
-    hidden: int = 32
-
-
-@dataclass
-class DemoConfig:
-    """Sizes of the GRPO demo; ``prompts * n_samples`` must divide by ``loader.batch_size * dp_size``."""
-
-    prompts: int = 1024
-    n_samples: int = 4  # responses per prompt: the GRPO group size
-    prompt_len: int = 16
-    min_response_len: int = 8
-    max_response_len: int = 128
-    rollout_workers: int = 2  # threads of the rollout stage, each putting its own prompts
-    rollout_chunk: int = 8  # prompts per put (their n responses are inserted together)
-    reward_batch_size: int = 64
-    reward_fetch_workers: int = 2
-    tp_size: int = 2  # "tensor-parallel" threads per data-parallel trainer rank
-    lr: float = 0.01
-    seed: int = 0
-    workers: str = "process"  # process: one process per stage; thread: every stage in this process
-    progress: bool = True
-    timeout: float = 110.0  # the whole run; a stage still running then fails the demo
-    report: str | None = None  # also write the summary and checks as JSON here
-    model: ModelConfig = field(default_factory=ModelConfig)
-
-
-def _pipeline_loader() -> LoaderNode:
-    """The GRPO app's trainer loader: the values of configs/loader/default.yaml + sampler/grpo.yaml."""
-    return LoaderNode(
-        batch_size=32,
-        micro_batch_size=16,
-        data_fields=["prompts", "responses", "rewards", "prompt_id"],
-        task_name="actor_update",
-        dp_size=2,
-        sampler="grpo_group_n",
-        sampling_config={"n_samples_per_prompt": "${demo.n_samples}"},
-        collate="pad",
-    )
-
-
-@dataclass
-class PipelineConfig(TQConfig):
-    """Root of the Hydra app: the cluster tree, a buildable ``loader`` and the ``demo`` sizes.
-
-    Its defaults equal what ``configs/config.yaml`` composes, so the app also runs without YAML.
+    The pipeline app's schemas (root, ``loader``, ``demo``) are registered by
+    :func:`tq_loader.app.config.register_configs`, which calls this one.
     """
-
-    loader: LoaderNode = field(default_factory=_pipeline_loader)
-    demo: DemoConfig = field(default_factory=DemoConfig)
-
-
-def _register_app_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
-    cs = ConfigStore.instance()
-    cs.store(name="tq_pipeline_schema", node=PipelineConfig)
-    cs.store(group="loader", name="loader_schema", node=LoaderNode)
-    cs.store(group="demo", name="demo_schema", node=DemoConfig)
+    ConfigStore.instance().store(name="tq_loader_schema", node=TQConfig)

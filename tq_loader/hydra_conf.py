@@ -1,26 +1,22 @@
-"""Hydra/OmegaConf glue: compose the app config, build loaders by ``_target_``, split off the cluster tree.
+"""Hydra/OmegaConf glue: build loaders by ``_target_`` and split the cluster tree off an app config.
 
-The YAML under ``configs/`` composes a :class:`~tq_loader.config.PipelineConfig`: the cluster tree
-(``placement``, ``storage``, ``controller`` ...), a ``loader`` node whose ``_target_`` is
-:func:`build_loader`, and the ``demo`` sizes. ``hydra.utils.instantiate(cfg.loader, dp_rank=r)``
-builds rank ``r``'s :class:`~tq_loader.loader.StreamingDataLoader`; :func:`cluster_config` gives
-``tq.init`` only the part it understands.
+A ``loader`` config node whose ``_target_`` is :func:`build_loader` becomes rank ``r``'s
+:class:`~tq_loader.loader.StreamingDataLoader` with ``hydra.utils.instantiate(cfg.loader, dp_rank=r)``;
+:func:`cluster_config` gives ``tq.init`` only the part of an app config it understands. The demo
+app's YAML and schemas live in :mod:`tq_loader.app.config`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from tq_loader.config import LoaderConfig, PipelineConfig, TQConfig, register_configs, resolve_config
+from tq_loader.config import LoaderConfig, TQConfig, resolve_config
 from tq_loader.loader import StreamingDataLoader, StreamingDataset
 
-__all__ = ["CONFIG_DIR", "build_loader", "cluster_config", "compose", "loader_kwargs"]
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+__all__ = ["build_loader", "cluster_config", "loader_kwargs"]
 
 _APP_KEYS = ("demo", "hydra")  # keys of the app root that are not part of the cluster tree
 
@@ -101,24 +97,3 @@ def cluster_config(cfg: Any) -> TQConfig:
     if isinstance(tree.get("loader"), dict):
         tree["loader"] = {k: v for k, v in tree["loader"].items() if k != "_target_"}
     return resolve_config(tree)
-
-
-def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
-    """The app config from ``configs/`` with Hydra ``overrides`` (``placement=ray loader.batch_size=64``).
-
-    Without a ``configs/`` directory (an installed wheel) the structured defaults of
-    :class:`~tq_loader.config.PipelineConfig` are used and overrides must be ``key=value`` dotlists.
-    """
-    register_configs()
-    if not (CONFIG_DIR / f"{config_name}.yaml").is_file():
-        dotlist = [o for o in overrides if not o.startswith(("hydra.", "+hydra"))]
-        merged = OmegaConf.merge(OmegaConf.structured(PipelineConfig), OmegaConf.from_dotlist(dotlist))
-        return merged  # type: ignore[return-value]
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():  # inside a Hydra app or another compose
-        return hydra_compose(config_name, overrides=list(overrides))
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose(config_name, overrides=list(overrides))

@@ -48,7 +48,7 @@ def serve(*overrides: str, args: Sequence[str] = ()) -> Iterator[Served]:
         stderr_path = Path(tmp) / "stderr.txt"
         with open(stderr_path, "w") as err:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "tq_loader.cli", "serve", *args, *overrides],
+                [sys.executable, "-m", "tq_loader", "serve", *args, *overrides],
                 stdout=subprocess.PIPE, stderr=err, text=True, env=child_env(),
             )  # fmt: skip
         try:

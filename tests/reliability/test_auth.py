@@ -69,7 +69,7 @@ def test_embedded_cluster_on_a_wide_address_without_a_token_does_not_start() -> 
 
 def test_serve_on_a_wide_address_without_a_token_exits_without_serving() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "tq_loader.cli", "serve", "--host", "0.0.0.0", "storage.num_units=1"],
+        [sys.executable, "-m", "tq_loader", "serve", "--host", "0.0.0.0", "storage.num_units=1"],
         capture_output=True, text=True, timeout=120, env=child_env(),
     )  # fmt: skip
     assert out.returncode != 0

@@ -53,7 +53,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     import tq_loader as tq
-    from tq_loader.status import render_statistics
+    from tq_loader.app.status import render_statistics
 
     if args.address:
         tq.connect(args.address)
@@ -69,7 +69,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from tq_loader.demo import run_demo
+    from tq_loader.app.demo import run_demo
 
     return run_demo(args.overrides)
 

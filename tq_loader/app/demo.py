@@ -13,7 +13,7 @@ Stages (one process each by default; ``demo.workers=thread`` runs them as thread
 This process hosts the cluster, shows a progress bar per stage, then prints the summary and the
 checks -- every row consumed exactly once per task (collected ids and the controller's
 consumption status), identical TP batches, whole groups, rewards aligned with their rows -- and
-returns non-zero if any fails. The stages live in :mod:`tq_loader.demo_stages`; stage processes
+returns non-zero if any fails. The stages live in :mod:`tq_loader.app.demo_stages`; stage processes
 talk to this one over stdout as JSON lines (no pickle).
 """
 
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tq_loader.demo_stages import PREFIX, STAGES
+from tq_loader.app.demo_stages import PREFIX, STAGES
 
 __all__ = ["make_plan", "run_demo", "run_pipeline"]
 
@@ -52,7 +52,7 @@ class _Runner:
         if self.plan["demo"]["workers"] == "thread":
             threading.Thread(target=self._in_thread, args=(name, kind, rank), daemon=True, name=name).start()
             return
-        cmd = [sys.executable, "-m", "tq_loader.demo_stages", kind, str(rank)]
+        cmd = [sys.executable, "-m", "tq_loader.app.demo_stages", kind, str(rank)]
         proc = subprocess.Popen(
             cmd,
             stdin=subprocess.PIPE,
@@ -334,6 +334,6 @@ def run_pipeline(cfg: DictConfig | dict[str, Any]) -> int:
 
 def run_demo(overrides: Sequence[str] = ()) -> int:
     """``tq-loader demo [overrides]``: compose ``configs/`` with Hydra overrides and run the pipeline."""
-    from tq_loader.hydra_conf import compose
+    from tq_loader.app.config import compose
 
     return run_pipeline(compose(list(overrides)))

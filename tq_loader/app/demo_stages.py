@@ -1,7 +1,7 @@
-"""The stages of the GRPO demo (see :mod:`tq_loader.demo`): rollout, reward and trainer ranks.
+"""The stages of the GRPO demo (see :mod:`tq_loader.app.demo`): rollout, reward and trainer ranks.
 
 Each stage is a function ``stage(plan, emit, rank) -> result`` that runs the same way on a thread of
-the driver or in its own process (``python -m tq_loader.demo_stages <stage> <rank>``, the plan as
+the driver or in its own process (``python -m tq_loader.app.demo_stages <stage> <rank>``, the plan as
 JSON on stdin, events as JSON lines on stdout: no pickle). Every stage attaches to the cluster of
 the driver through ``TQ_LOADER_ADDRESS`` and reports plain data: the global indexes it handled,
 rows, bytes, active seconds and the share of them it waited on the data plane.
@@ -274,7 +274,7 @@ STAGES: dict[str, Callable[[dict[str, Any], Emit, int], dict[str, Any]]] = {
 
 
 def _child(argv: Sequence[str]) -> int:
-    """A stage process: ``python -m tq_loader.demo_stages <stage> <rank>``, the plan as JSON on stdin."""
+    """A stage process: ``python -m tq_loader.app.demo_stages <stage> <rank>``, the plan as JSON on stdin."""
     import tq_loader as tq
 
     kind, rank = argv[0], int(argv[1])

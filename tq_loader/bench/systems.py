@@ -102,7 +102,7 @@ def served(overrides: Sequence[str], log_path: Path) -> Iterator[int]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tq_loader.cli", "serve", *overrides],
+            [sys.executable, "-m", "tq_loader", "serve", *overrides],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         )  # fmt: skip
         try:
