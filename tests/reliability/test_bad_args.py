@@ -37,12 +37,12 @@ WRONG = object()
 ANYTHING: dict[str, str] = {
     "BatchMeta.set_extra_info.value": "extra_info holds arbitrary user values by design (TransferQueue's too)",
     "BatchMeta.get_extra_info.default": "returned as is when the key is missing, like dict.get",
-    "StreamingDataset.config": "TransferQueue's loader takes its own config object here; it has no effect (documented)",
-    "StreamingDataset.device": "anything torch.device() accepts, or an object with .to(); checked by torch when used",
-    "StreamingDataLoader.multiprocessing_context": "handed to torch's DataLoader, which validates it itself",
-    "StreamingDataLoader.generator": "handed to torch's DataLoader (no effect on a stream; torch checks it)",
-    "StreamingDataLoader.sampler": "torch DataLoader argument; refused with its own message when not None",
-    "StreamingDataLoader.batch_sampler": "torch DataLoader argument; refused with its own message when not None",
+    "StreamingDataset.config": "TransferQueue's cluster config (dict, DictConfig, TQConfig...): handed to tq.init on "
+    "first use when no cluster is up, which checks it (see test_connect_and_init_refuse_wrong_types)",
+    "StreamingDataLoader.multiprocessing_context": "torch's argument; it has no effect here (workers are threads) "
+    "and is warned about once, whatever its value",
+    "StreamingDataLoader.generator": "torch's argument; the loader draws no random numbers, so it has no effect "
+    "and is warned about once, whatever its value",
 }
 
 

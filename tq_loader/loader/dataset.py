@@ -309,3 +309,4 @@ def _check_types(given: dict[str, Any]) -> None:
         args.callable_or_none(name, given[name])
     args.number("timeout", given["timeout"], optional=True)
     args.number("log_wait_after", given["log_wait_after"], optional=True)
+    args.device("device", given["device"])
