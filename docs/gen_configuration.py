@@ -54,6 +54,17 @@ DOCS = {
     "loader.prefetch_factor": "micro-batches kept ready ahead of the training loop",
     "loader.pin_memory": "pin batches for faster host-to-GPU copies (warns and does nothing without CUDA)",
     "loader.collate": "`pad`: jagged fields become dense padded tensors plus a `<field>_mask`",
+    "demo.prompts": "prompts the rollout stage generates (rows = prompts x n_samples)",
+    "demo.prompt_len": "tokens per prompt",
+    "demo.min_response_len": "shortest response (tokens); responses are jagged",
+    "demo.max_response_len": "longest response (tokens)",
+    "demo.reward_batch_size": "rows the reward stage reads per request",
+    "demo.reward_fetch_workers": "fetch threads of the reward stage's loader",
+    "demo.lr": "learning rate of the trainers",
+    "demo.seed": "seed of the synthetic data and the model",
+    "demo.progress": "show progress bars (on a terminal) or progress lines",
+    "demo.model.vocab_size": "vocabulary of the tiny policy",
+    "demo.model.hidden": "hidden size of the tiny policy",
     "metrics.enabled": "serve Prometheus metrics over HTTP; `tq.get_metrics_endpoint()` returns `host:port`",
 }
 
@@ -140,10 +151,10 @@ def walk(cls: type, prefix: str = "") -> tuple[list[Row], list[tuple[str, type]]
     return rows, sections
 
 
-def all_sections(root: type) -> list[tuple[str, type, list[Row]]]:
+def all_sections(root: type, name: str = "") -> list[tuple[str, type, list[Row]]]:
     """Every section of the tree, depth first: ``(dotted name or "", dataclass, its rows)``."""
     out = []
-    todo: list[tuple[str, type]] = [("", root)]
+    todo: list[tuple[str, type]] = [(name, root)]
     while todo:
         name, cls = todo.pop(0)
         rows, nested = walk(cls, f"{name}." if name else "")
@@ -217,16 +228,47 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def app_sections() -> list[tuple[str, type]]:
+    """Sections the Hydra app adds to the cluster tree (``demo``), if the app is importable."""
+    try:
+        from tq_loader.app.config import PipelineConfig
+    except ImportError:
+        return []
+    from tq_loader.config import TQConfig
+
+    own = {f.name for f in dataclasses.fields(TQConfig)}
+    hints = typing.get_type_hints(PipelineConfig)
+    return [
+        (f.name, cls)
+        for f in dataclasses.fields(PipelineConfig)
+        if f.name not in own and (cls := _dataclass_of(hints[f.name])) is not None
+    ]
+
+
 def render() -> str:
     from tq_loader.config import TQConfig
 
     groups = hydra_groups()
     out = [BEGIN, ""]
-    for name, cls, rows in all_sections(TQConfig):
+    sections = all_sections(TQConfig)
+    extra = [s for name, cls in app_sections() for s in all_sections(cls, name)]
+    if extra:
+        sections.append(("", None, []))  # the marker between the cluster tree and the app's sections
+    for name, cls, rows in sections + extra:
+        if cls is None:
+            out += [
+                "### The Hydra app's own sections",
+                "",
+                "`tq-loader demo` and `examples/grpo_pipeline.py` compose `tq_loader.app.config.PipelineConfig`: "
+                "the tree above plus the sections below (in the app, `loader` is built with "
+                "`hydra.utils.instantiate`, and its values come from the `loader` and `sampler` groups).",
+                "",
+            ]
+            continue
         if not rows:
             continue
         title = f"`{name}`" if name else "top level"
-        out.append(f"### {title}")
+        out.append(f"{'####' if cls.__module__.startswith('tq_loader.app') else '###'} {title}")
         out.append("")
         doc = (inspect.getdoc(cls) or "").replace("``", "`")
         if doc.startswith(cls.__name__ + "("):  # the dataclass's generated signature, not a docstring

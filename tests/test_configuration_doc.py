@@ -77,7 +77,9 @@ def test_every_config_key_is_documented_with_its_default() -> None:
 
 
 def test_the_page_lists_no_key_the_config_lacks() -> None:
-    stale = sorted(set(documented()) - set(reachable(TQConfig)))
+    from tq_loader.app.config import PipelineConfig  # the app's tree: TQConfig plus its own sections
+
+    stale = sorted(set(documented()) - set(reachable(TQConfig)) - set(reachable(PipelineConfig)))
     assert not stale, f"docs/configuration.md lists keys TQConfig no longer has: {stale}"
 
 
