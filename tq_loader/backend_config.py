@@ -190,6 +190,8 @@ def storage_from_transfer_queue(
     user set under ``storage.<backend>`` win over the TransferQueue ones.
     """
     for tq_name, section in sections.items():
+        if section is None:  # an empty section (TransferQueue's own config.yaml has ``RayStore:``)
+            continue
         ours = _TQ_SECTIONS.get(tq_name)
         if ours is None or not isinstance(section, dict):
             warn(f"backend.{tq_name}", f"TransferQueue config section backend.{tq_name} is not known to "

@@ -8,10 +8,13 @@ and returns a validated :class:`TQConfig`. The only environment variable read an
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from tq_loader.backend_config import MooncakeConfig, RayRdtConfig, YuanrongConfig, storage_from_transfer_queue
 
 __all__ = [
     "ClientConfig",
@@ -46,7 +49,8 @@ class ControllerConfig:
 
 @dataclass
 class StorageConfig:
-    """Where the bytes live. ``backend``: simple (built-in, ZMQ, in memory)."""
+    """Where the bytes live. ``backend``: simple (built-in, ZMQ, in memory) | mooncake | yuanrong |
+    ray_rdt (docs/backends.md); each external backend has its own section below."""
 
     backend: str = "simple"
     num_units: int = 2
@@ -58,6 +62,9 @@ class StorageConfig:
     ports: list[int] = field(default_factory=list)  # fixed ports for units (empty: ephemeral)
     # clients on the same host as a unit move bytes through shared memory (memfd) instead of TCP
     shared_memory: bool = True
+    mooncake: MooncakeConfig = field(default_factory=MooncakeConfig)  # storage.backend=mooncake
+    yuanrong: YuanrongConfig = field(default_factory=YuanrongConfig)  # storage.backend=yuanrong
+    ray_rdt: RayRdtConfig = field(default_factory=RayRdtConfig)  # storage.backend=ray_rdt
 
 
 @dataclass
@@ -157,6 +164,22 @@ def resolve_config(conf: Any = None) -> TQConfig:
     return cfg
 
 
+_TQ_BACKENDS = {
+    "SimpleStorage": "simple",
+    "MooncakeStore": "mooncake",
+    "Yuanrong": "yuanrong",
+    "RayStore": "ray_rdt",
+}
+_TQ_WARNED: set[str] = set()
+
+
+def _warn_tq_key(key: str, message: str) -> None:
+    """One warning per TransferQueue key that is accepted but has no effect here."""
+    if key not in _TQ_WARNED:
+        _TQ_WARNED.add(key)
+        warnings.warn(message, UserWarning, stacklevel=6)
+
+
 def _from_transfer_queue(conf: Any) -> Any:
     """Accept TransferQueue-style keys (``backend.storage_backend``, ``num_data_storage_units``)."""
     conf = OmegaConf.to_container(conf) if isinstance(conf, DictConfig) else dict(conf)
@@ -165,10 +188,13 @@ def _from_transfer_queue(conf: Any) -> Any:
         storage = conf.setdefault("storage", {})
         name = backend.get("storage_backend")
         if name:
-            storage.setdefault("backend", "simple" if name == "SimpleStorage" else str(name).lower())
+            storage.setdefault("backend", _TQ_BACKENDS.get(str(name), str(name).lower()))
         simple = backend.get("SimpleStorage") or {}
         if "num_data_storage_units" in simple:
             storage.setdefault("num_units", int(simple["num_data_storage_units"]))
+        # backend.MooncakeStore / Yuanrong / RayStore -> storage.mooncake / yuanrong / ray_rdt
+        sections = {k: v for k, v in backend.items() if k not in ("storage_backend", "SimpleStorage")}
+        storage_from_transfer_queue(sections, storage, _warn_tq_key)
     controller = conf.get("controller")
     if (
         isinstance(controller, dict)
