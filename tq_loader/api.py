@@ -12,8 +12,9 @@
 
 The process that creates a cluster sets ``TQ_LOADER_ADDRESS`` in its own environment, so
 DataLoader workers, DDP ranks and subprocesses it starts attach to the same cluster by themselves.
-``TQ_LOADER_AUTH_TOKEN`` carries the token the same way when the cluster needs one. These two
-variables are the only environment the library reads.
+``TQ_LOADER_AUTH_TOKEN`` carries the token the same way when the cluster needs one, and
+``TQ_LOADER_METRICS_ENDPOINT`` the Prometheus endpoint (``metrics.enabled``). These are the only
+environment variables the library reads.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from tq_loader.errors import ArgumentError
 from tq_loader.stats import ClusterStats
 
 __all__ = [
-    "ENV_ADDRESS", "ENV_TOKEN", "close", "connect", "get_client", "get_config", "init", "is_initialized",
-    "owns_cluster", "statistics",
+    "ENV_ADDRESS", "ENV_TOKEN", "close", "connect", "get_client", "get_config", "get_metrics_endpoint", "init",
+    "is_initialized", "owns_cluster", "statistics",
 ]  # fmt: skip
 
 ENV_ADDRESS = "TQ_LOADER_ADDRESS"
@@ -47,6 +48,7 @@ class _Runtime:
     cluster: Cluster | None  # set only in the process that owns the services
     pid: int
     published: list[Any] = field(default_factory=list)  # Ray registry actors announcing the cluster
+    metrics: Any = None  # the MetricsServer of an owned cluster with metrics.enabled
 
 
 _runtime: _Runtime | None = None
@@ -81,15 +83,38 @@ def init(conf: Any = None) -> TQConfig:
             if sampler is not None:
                 _install_sampler(cluster, config, sampler)
             published = _publish_in_ray(config, cluster.address)
+            metrics = _start_metrics(config, cluster.address)
         except BaseException:
             client.close()
             cluster.stop()
             raise
-        _runtime = _Runtime(config, client, cluster.address, cluster, os.getpid(), published)
+        _runtime = _Runtime(config, client, cluster.address, cluster, os.getpid(), published, metrics)
         os.environ[ENV_ADDRESS] = cluster.address
         if config.auth_token:
             os.environ[ENV_TOKEN] = config.auth_token
         return config
+
+
+def _start_metrics(config: TQConfig, address: str) -> Any:
+    if not config.metrics.enabled:
+        return None
+    from tq_loader.metrics import ENV_METRICS, start_metrics
+
+    server = start_metrics(config.metrics, address, config.auth_token)
+    os.environ[ENV_METRICS] = server.endpoint  # children find it as they find the cluster
+    return server
+
+
+def get_metrics_endpoint() -> str | None:
+    """``"host:port"`` of the Prometheus endpoint (``/metrics``), or None when metrics are off.
+
+    Known in the process that hosts the cluster with ``metrics.enabled`` and in the processes it
+    starts (through ``TQ_LOADER_METRICS_ENDPOINT``); ``tq-loader serve`` prints it.
+    """
+    current = _current()
+    if current is not None and current.metrics is not None:
+        return str(current.metrics.endpoint)
+    return os.environ.get("TQ_LOADER_METRICS_ENDPOINT") or None
 
 
 def _take_sampler_object(conf: Any) -> tuple[Any, Any]:
@@ -209,6 +234,10 @@ def close() -> None:
         if current is None:
             return
         try:
+            if current.metrics is not None:
+                current.metrics.stop()
+                if os.environ.get("TQ_LOADER_METRICS_ENDPOINT") == current.metrics.endpoint:
+                    os.environ.pop("TQ_LOADER_METRICS_ENDPOINT", None)
             current.client.close()
         finally:
             if current.cluster is not None:

@@ -140,6 +140,14 @@ def make_plan(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     return {"demo": d, "loader": loader, "rows": rows, "placement": placement, "partition": partition}
 
 
+def _say(message: str) -> None:
+    """A plain progress line on stderr (above the bars on a terminal): the demo says what it starts."""
+    from tqdm import tqdm
+
+    tqdm.write(f"demo: {message}", file=sys.stderr)
+    sys.stderr.flush()
+
+
 def _drive(plan: dict[str, Any], client: Any) -> tuple[dict[str, Any], dict[str, str], float]:
     """Start every stage, follow their events with progress bars; (results, failures, seconds)."""
     from tqdm import tqdm
@@ -159,6 +167,8 @@ def _drive(plan: dict[str, Any], client: Any) -> tuple[dict[str, Any], dict[str,
     failures: dict[str, str] = {}
     ready: dict[str, float] = {}
     started, deadline = time.time(), time.monotonic() + d["timeout"]
+    how = "threads of this process" if d["workers"] == "thread" else "processes (each imports torch first)"
+    _say(f"starting {len(stages)} stages as {how}: {', '.join(n for n, *_ in stages)}")
     try:
         for name, kind, rank, _ in stages:
             runner.start(name, kind, rank)
@@ -176,6 +186,7 @@ def _drive(plan: dict[str, Any], client: Any) -> tuple[dict[str, Any], dict[str,
                 bars[name].update(event["rows"])
             elif kind == "ready":
                 ready[name] = event["time"] - started
+                _say(f"{name} attached after {ready[name]:.1f} s")
             elif kind == "done":
                 results[name] = event
             elif kind == "failed":
@@ -313,7 +324,12 @@ def run_pipeline(cfg: DictConfig | dict[str, Any]) -> int:
             if not ray.is_initialized():  # a private local instance, never a cluster left running
                 ray.init(address="local", include_dashboard=False, log_to_driver=False)
                 ray_started = True
-        tq.init(cluster_config(cfg))
+        cluster = cluster_config(cfg)
+        _say(
+            f"starting the cluster (placement={cluster.placement}, {cluster.storage.num_units} "
+            f"{cluster.storage.backend} storage units) for {plan['rows']} rows"
+        )
+        tq.init(cluster)
         client = tq.get_client()
         results, failures, wall = _drive(plan, client)
         checks = _checks(plan, client, results, failures)
