@@ -1,7 +1,7 @@
 """Faults: a dead server, a lost storage unit, a killed checkpoint save, and what close/exit leave.
 
 * ``tq-loader serve`` SIGKILLed while clients wait in ``get_meta`` (with and without a timeout),
-  call ``get_data`` or iterate a ``StreamingDataLoader``: each gets a typed ``TQConnectionError``
+  read with ``get_data`` (in flight, and called afterwards) or iterate a ``StreamingDataLoader``: each gets a typed ``TQConnectionError``
   (a ``TQError``), bounded by the request/connect timeouts, never a hang.
 * A storage unit lost, embedded (its service stopped) and on Ray (``ray.kill`` of its actor): the
   first statistics snapshot already shows it lost with its rows counted, the other unit's rows are
@@ -78,12 +78,24 @@ def test_server_killed_while_clients_wait_gives_typed_errors() -> None:
         try:
             stored = client.put({"x": torch.arange(8.0).reshape(4, 2)}, partition_id="kept")
             meta = client.get_meta(["x"], 4, "kept", mode="force_fetch")
+            big = client.put({"b": torch.ones(64, 65536)}, partition_id="big")  # 16 MiB: a read takes a while
+            reads = [0]
+
+            def read_forever() -> None:  # get_data after get_data: the server dies during one of them
+                while True:
+                    client.get_data(big)
+                    reads[0] += 1
+
+            reader = _in_thread(read_forever)
             forever = _in_thread(lambda: client.get_meta(["x"], 4, "empty", task_name="a", timeout=None))
             bounded = _in_thread(lambda: client.get_meta(["x"], 4, "empty", task_name="b", timeout=300))
-            _poll(lambda: _waiting(client) >= 2, "both get_meta calls to wait on the controller")
+            _poll(
+                lambda: _waiting(client) >= 2 and reads[0] >= 1,
+                "get_meta calls waiting, get_data calls running",
+            )
             os.kill(served.proc.pid, signal.SIGKILL)
             served.proc.wait(timeout=WAIT_S)
-            for fut in (forever, bounded):
+            for fut in (reader, forever, bounded):
                 with pytest.raises(tq.TQConnectionError):
                     fut.result(timeout=WAIT_S)
             with pytest.raises(tq.TQConnectionError):  # a call made after the death

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from reliability_wire import child_env, serve
 
@@ -176,6 +177,7 @@ def _consumer(address: str, task: str, seed: int, out: dict) -> None:
         client.close()
 
 
+@pytest.mark.timeout(LOAD_S * 3 + 300)  # the suite's 300 s default would cut the stress run short
 def test_32_concurrent_out_of_order_producers_lose_and_duplicate_nothing(tmp_path) -> None:
     # a short grace: a row whose put failed (and so was never produced) cannot stall the drain
     with serve("storage.num_units=2", "controller.seal_grace_s=5") as served:
