@@ -174,22 +174,18 @@ class KVStorageManager(StorageManager):
             out.setdefault((str(pid), int(block)), []).append(i)
         return [(pid, block, np.asarray(pos, np.int64)) for (pid, block), pos in out.items()]
 
-    def _where(self, meta: BatchMeta, name: str, locs: list[dict[str, _Loc]]) -> dict[str, list[int]]:
+    def _where(self, meta: BatchMeta, name: str, index: list[_Group]) -> dict[str, list[int]]:
         """key -> positions in ``meta`` of the rows whose field ``name`` that value holds."""
-        pids, blocks = (
-            meta.partition_id_array.tolist(),
-            (meta.global_index_array // self.stripe_rows).tolist(),
-        )
         out: dict[str, list[int]] = {}
-        missing = []
-        for i, row in enumerate(locs):
-            loc = row.get(name)
+        missing: list[int] = []
+        for group in index:
+            loc = group.found.get(name)
             if loc is None:
-                missing.append(i)
-                continue
-            out.setdefault(self._key(str(pids[i]), name, int(blocks[i]), loc.tag), []).append(i)
+                missing += group.positions
+            else:
+                out.setdefault(self._key(group.pid, name, group.block, loc.tag), []).extend(group.positions)
         if missing:
-            ids = meta.global_index_array[missing[:8]].tolist()
+            ids = meta.global_index_array[sorted(missing)[:8]].tolist()
             raise NotFoundError(
                 f"field {name!r} of rows {ids} (of {len(missing)}) has no {self.name} storage index in this "
                 "metadata: the field was never written, or the BatchMeta was built by hand. Pass the "
@@ -310,20 +306,15 @@ class KVStorageManager(StorageManager):
     def _replaced(self, meta: BatchMeta, names: Sequence[str]) -> list[str]:
         """Keys of the values of ``names`` all of whose rows are in ``meta`` (a put of those fields
         for these rows replaces them; a clear of these rows frees them)."""
-        locs = _locations(meta)
-        if not any(locs):
+        if not _has_index(meta):
             return []
-        pids, blocks = (
-            meta.partition_id_array.tolist(),
-            (meta.global_index_array // self.stripe_rows).tolist(),
-        )
         counts: dict[tuple[str, str, int, _Loc], int] = {}
-        for i, row in enumerate(locs):
+        for group in _index(meta, self.stripe_rows):
             for name in names:
-                loc = row.get(name)
+                loc = group.found.get(name)
                 if loc is not None:
-                    k = (str(pids[i]), name, int(blocks[i]), loc)
-                    counts[k] = counts.get(k, 0) + 1
+                    k = (group.pid, name, group.block, loc)
+                    counts[k] = counts.get(k, 0) + len(group.positions)
         return [
             self._key(pid, name, b, loc.tag) for (pid, name, b, loc), c in counts.items() if loc.rows == c
         ]
@@ -335,8 +326,8 @@ class KVStorageManager(StorageManager):
         n = meta.size
         if n == 0:
             return to_tensordict({f: assemble([], 0, known[f], field=f) for f in fields if f in known}, 0)
-        locs = _locations(meta)
-        wanted = {name: self._where(meta, name, locs) for name in fields}
+        index = _index(meta, self.stripe_rows)
+        wanted = {name: self._where(meta, name, index) for name in fields}
         reading = _Reading(meta, known, wanted)
         await asyncio.to_thread(self._fetch, reading)
         return to_tensordict(reading.columns(), n)
@@ -442,6 +433,30 @@ def _parse_tag(putid: str, text: Any) -> dict[str, _Loc]:
     return out
 
 
+class _Group(NamedTuple):
+    """Rows of one partition and block whose index tags are the same (so are their values' keys)."""
+
+    pid: str
+    block: int
+    found: dict[str, _Loc]
+    positions: list[int]
+
+
+def _index(meta: BatchMeta, stripe_rows: int) -> list[_Group]:
+    """``meta``'s rows grouped by (partition, block, where their fields live): keys are built per
+    group, not per row."""
+    locs = _locations(meta)
+    pids, blocks = meta.partition_id_array.tolist(), (meta.global_index_array // stripe_rows).tolist()
+    groups: dict[tuple[str, int, int], _Group] = {}
+    for i, found in enumerate(locs):
+        k = (str(pids[i]), int(blocks[i]), id(found))
+        group = groups.get(k)
+        if group is None:
+            group = groups[k] = _Group(k[0], k[1], found, [])
+        group.positions.append(i)
+    return list(groups.values())
+
+
 def _locations(meta: BatchMeta) -> list[dict[str, _Loc]]:
     """Per row: field -> where its value is, from the rows' index tags (a later put wins)."""
     memo: dict[tuple[tuple[str, Any], ...], dict[str, _Loc]] = {}
@@ -456,6 +471,10 @@ def _locations(meta: BatchMeta) -> list[dict[str, _Loc]]:
             memo[items] = found
         out.append(found)
     return out
+
+
+def _has_index(meta: BatchMeta) -> bool:
+    return any(row and any(k.startswith(TAG_PREFIX) for k in row) for row in _tags_of(meta))
 
 
 def _tags_of(meta: BatchMeta) -> Sequence[Any]:
