@@ -33,14 +33,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import struct
 import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import fields as dc_fields
-from typing import Any, NamedTuple
+from typing import Any
 
-import msgspec
 import numpy as np
 import torch
 from tensordict import TensorDict
@@ -49,83 +47,35 @@ from tq_loader import protocol as p
 from tq_loader.backend_config import MooncakeConfig, YuanrongConfig
 from tq_loader.batch import PreparedBatch
 from tq_loader.codec import ColumnSpec, decode_columns, encode_columns, to_tensordict
-from tq_loader.errors import NotFoundError, ProtocolError, SchemaError, TQConnectionError, TQError
+from tq_loader.errors import NotFoundError, SchemaError, TQConnectionError, TQError
 from tq_loader.metadata import BatchMeta, schema_of
 from tq_loader.schema import FieldSchema
 from tq_loader.stats import StorageStats
 from tq_loader.storage.base import BackendInfo, StorageLost, StorageManager, register_storage_manager
 from tq_loader.storage.columns import assemble, copy_rows, take_rows, target_kind, torch_dtype
-from tq_loader.storage.kv_client import KVClient, as_bytes_view
+from tq_loader.storage.kv_client import KVClient
+from tq_loader.storage.kv_layout import (
+    ALL,
+    TAG_PREFIX,
+    Group,
+    Header,
+    Loc,
+    Value,
+    encode_header,
+    has_index,
+    index_of,
+    index_rows,
+    locations,
+    merge_tags,
+    parse_value,
+    quote,
+    size_of,
+)
 from tq_loader.striping import DEFAULT_STRIPE_ROWS, check_stripe_rows
 
 __all__ = ["TAG_PREFIX", "KVStorageManager", "backend_section"]
 
-TAG_PREFIX = "_tq_kv:"  # the controller tag naming the value of a row's field
 _MAX_KEYS = 1000  # keys per backend call (Yuanrong refuses 2000)
-_ALIGN = 64
-_HEAD = struct.Struct("<4sI")  # magic, header length
-_MAGIC = b"TQK1"
-
-
-class _Header(msgspec.Struct, frozen=True, array_like=True):
-    spec: ColumnSpec
-    ids: bytes  # little-endian int64 global indexes of the value's rows, in value order
-    sizes: list[int]  # bytes of each codec buffer
-
-
-_encode = msgspec.msgpack.Encoder().encode
-_decode = msgspec.msgpack.Decoder(_Header).decode
-
-
-def _align(n: int) -> int:
-    return -(-n // _ALIGN) * _ALIGN
-
-
-def _quote(name: str) -> str:
-    return name.replace("%", "%25").replace("/", "%2F").replace("|", "%7C").replace(":", "%3A")
-
-
-class _Value:
-    """One value to write: its key, header and the codec buffers that follow it."""
-
-    __slots__ = ("buffers", "header", "key", "nbytes", "offsets")
-
-    def __init__(self, key: str, header: bytes, buffers: list[memoryview]) -> None:
-        self.key, self.header, self.buffers = key, header, buffers
-        off = _align(_HEAD.size + len(header))
-        self.offsets = []
-        for buf in buffers:
-            self.offsets.append(off)
-            off = _align(off + buf.nbytes)
-        self.nbytes = off
-
-    def fill(self, dst: memoryview) -> None:
-        dst[: _HEAD.size] = _HEAD.pack(_MAGIC, len(self.header))
-        dst[_HEAD.size : _HEAD.size + len(self.header)] = self.header
-        for off, buf in zip(self.offsets, self.buffers, strict=True):
-            if buf.nbytes:
-                dst[off : off + buf.nbytes] = as_bytes_view(buf)
-
-
-def _parse(key: str, raw: memoryview) -> tuple[ColumnSpec, np.ndarray, list[memoryview]]:
-    """(spec, row ids, buffers) of a stored value; ProtocolError if it is not one of ours."""
-    raw = as_bytes_view(raw)
-    if raw.nbytes < _HEAD.size:
-        raise ProtocolError(f"KV value {key!r} is too short to be a tq_loader value")
-    magic, hlen = _HEAD.unpack(raw[: _HEAD.size])
-    if magic != _MAGIC or _HEAD.size + hlen > raw.nbytes:
-        raise ProtocolError(f"KV value {key!r} was not written by this tq_loader version")
-    try:
-        header = _decode(raw[_HEAD.size : _HEAD.size + hlen])
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(f"KV value {key!r}: bad header ({exc})") from None
-    bufs, off = [], _align(_HEAD.size + hlen)
-    for size in header.sizes:
-        if size < 0 or off + size > raw.nbytes:
-            raise ProtocolError(f"KV value {key!r}: its buffers overrun the value")
-        bufs.append(raw[off : off + size])
-        off = _align(off + size)
-    return header.spec, np.frombuffer(header.ids, dtype="<i8"), bufs
 
 
 def backend_section(info: BackendInfo, name: str, cls: type[Any]) -> Any:
@@ -159,10 +109,10 @@ class KVStorageManager(StorageManager):
 
     # ------------------------------------------------------------------ keys
     def _prefix(self, pid: str) -> str:
-        return f"tq:{self._ns}/{_quote(pid)}/"
+        return f"tq:{self._ns}/{quote(pid)}/"
 
     def _key(self, pid: str, name: str, block: int, tag: str) -> str:
-        return f"{self._prefix(pid)}{_quote(name)}/{block}/{tag}"
+        return f"{self._prefix(pid)}{quote(name)}/{block}/{tag}"
 
     def _groups(self, meta: BatchMeta) -> list[tuple[str, int, np.ndarray]]:
         """(partition, block, positions in meta) for every (partition, block) with rows."""
@@ -174,7 +124,7 @@ class KVStorageManager(StorageManager):
             out.setdefault((str(pid), int(block)), []).append(i)
         return [(pid, block, np.asarray(pos, np.int64)) for (pid, block), pos in out.items()]
 
-    def _where(self, meta: BatchMeta, name: str, index: list[_Group]) -> dict[str, list[int]]:
+    def _where(self, meta: BatchMeta, name: str, index: list[Group]) -> dict[str, list[int]]:
         """key -> positions in ``meta`` of the rows whose field ``name`` that value holds."""
         out: dict[str, list[int]] = {}
         missing: list[int] = []
@@ -195,7 +145,7 @@ class KVStorageManager(StorageManager):
 
     def key_of(self, meta: BatchMeta, row: int, name: str) -> str | None:
         """The key of the value holding field ``name`` of row ``row`` of ``meta`` (None: no index)."""
-        loc = _locations(meta)[row].get(name)
+        loc = locations(meta)[row].get(name)
         if loc is None:
             return None
         block = int(meta.global_index_array[row]) // self.stripe_rows
@@ -214,7 +164,7 @@ class KVStorageManager(StorageManager):
         old = self._replaced(meta, list(batch.columns))
         putid = f"{self._writer}{next(self._seq):x}"
         groups = self._groups(meta)
-        values: list[_Value] = []
+        values: list[Value] = []
         row_tags: list[dict[str, str]] = [{} for _ in range(n)]
         for pid, block, pos in groups:
             ids = np.ascontiguousarray(meta.global_index_array[pos], dtype="<i8").tobytes()
@@ -222,10 +172,10 @@ class KVStorageManager(StorageManager):
             for name, column in batch.columns.items():
                 part = column if len(groups) == 1 else take_rows(column, pos, copy=False)
                 specs, bufs = encode_columns({name: part})
-                value = _Value("", _encode(_Header(specs[0], ids, [b.nbytes for b in bufs])), bufs)
-                value.key = self._key(pid, name, block, _Loc(putid, len(pos), value.nbytes).tag)
+                value = Value("", encode_header(Header(specs[0], ids, [b.nbytes for b in bufs])), bufs)
+                value.key = self._key(pid, name, block, Loc(putid, len(pos), value.nbytes).tag)
                 values.append(value)
-                sizes.append(f"|{_quote(name)}:{value.nbytes}")
+                sizes.append(f"|{quote(name)}:{value.nbytes}")
             # one tag per row and put: rows in the block's values, then each field's value size
             tags = {TAG_PREFIX + putid: f"{len(pos)}{''.join(sizes)}"}
             for i in pos.tolist():
@@ -245,13 +195,13 @@ class KVStorageManager(StorageManager):
                     self._known.setdefault(pid, set()).update(
                         v.key for v in values if v.key.startswith(prefix)
                     )
-        _merge_tags(meta, row_tags)
+        merge_tags(meta, row_tags)
         if old:  # values no row points at any more (every row of them was overwritten)
             await asyncio.to_thread(self._forget, old)
 
-    def _batches(self, values: list[_Value]) -> list[list[_Value]]:
+    def _batches(self, values: list[Value]) -> list[list[Value]]:
         """Values split into backend calls of at most _MAX_KEYS keys and ``max_call_bytes`` bytes."""
-        out: list[list[_Value]] = [[]]
+        out: list[list[Value]] = [[]]
         total = 0
         for value in values:
             cap = self.max_call_bytes
@@ -262,7 +212,7 @@ class KVStorageManager(StorageManager):
             total += value.nbytes
         return out
 
-    def _write(self, values: list[_Value]) -> None:
+    def _write(self, values: list[Value]) -> None:
         done: list[str] = []
         try:
             for call in self._batches(values):
@@ -306,10 +256,10 @@ class KVStorageManager(StorageManager):
     def _replaced(self, meta: BatchMeta, names: Sequence[str]) -> list[str]:
         """Keys of the values of ``names`` all of whose rows are in ``meta`` (a put of those fields
         for these rows replaces them; a clear of these rows frees them)."""
-        if not _has_index(meta):
+        if not has_index(meta):
             return []
-        counts: dict[tuple[str, str, int, _Loc], int] = {}
-        for group in _index(meta, self.stripe_rows):
+        counts: dict[tuple[str, str, int, Loc], int] = {}
+        for group in index_rows(meta, self.stripe_rows):
             for name in names:
                 loc = group.found.get(name)
                 if loc is not None:
@@ -326,7 +276,7 @@ class KVStorageManager(StorageManager):
         n = meta.size
         if n == 0:
             return to_tensordict({f: assemble([], 0, known[f], field=f) for f in fields if f in known}, 0)
-        index = _index(meta, self.stripe_rows)
+        index = index_rows(meta, self.stripe_rows)
         wanted = {name: self._where(meta, name, index) for name in fields}
         reading = _Reading(meta, known, wanted)
         await asyncio.to_thread(self._fetch, reading)
@@ -335,7 +285,7 @@ class KVStorageManager(StorageManager):
     def _fetch(self, reading: _Reading) -> None:
         """Every value ``reading`` wants, copied out of the backend's memory as it arrives."""
         keys = reading.keys
-        sizes = [_size_of(k) for k in keys]
+        sizes = [size_of(k) for k in keys]
         try:
             for start in range(0, len(keys), _MAX_KEYS):
                 part = slice(start, start + _MAX_KEYS)
@@ -367,7 +317,7 @@ class KVStorageManager(StorageManager):
         kept until they are cleared together or the partition is)."""
         if meta.size == 0:
             return
-        names = {name for row in _locations(meta) for name in row}
+        names = {name for row in locations(meta) for name in row}
         keys = self._replaced(meta, sorted(names))
         if keys:
             await asyncio.to_thread(self._delete, keys)
@@ -405,100 +355,6 @@ class KVStorageManager(StorageManager):
         await asyncio.to_thread(self.client.close)
 
 
-_ALL = object()
-
-
-class _Loc(NamedTuple):
-    """Where one field of a row lives: the put that wrote it, the rows and bytes of that value."""
-
-    putid: str
-    rows: int
-    nbytes: int
-
-    @property
-    def tag(self) -> str:
-        return f"{self.putid}.{self.rows}.{self.nbytes}"
-
-
-def _unquote(name: str) -> str:
-    return name.replace("%7C", "|").replace("%3A", ":").replace("%2F", "/").replace("%25", "%")
-
-
-def _parse_tag(putid: str, text: Any) -> dict[str, _Loc]:
-    rows, *fields = str(text).split("|")
-    out = {}
-    for item in fields:
-        name, _, size = item.rpartition(":")
-        out[_unquote(name)] = _Loc(putid, int(rows), int(size))
-    return out
-
-
-class _Group(NamedTuple):
-    """Rows of one partition and block whose index tags are the same (so are their values' keys)."""
-
-    pid: str
-    block: int
-    found: dict[str, _Loc]
-    positions: list[int]
-
-
-def _index(meta: BatchMeta, stripe_rows: int) -> list[_Group]:
-    """``meta``'s rows grouped by (partition, block, where their fields live): keys are built per
-    group, not per row."""
-    locs = _locations(meta)
-    pids, blocks = meta.partition_id_array.tolist(), (meta.global_index_array // stripe_rows).tolist()
-    groups: dict[tuple[str, int, int], _Group] = {}
-    for i, found in enumerate(locs):
-        k = (str(pids[i]), int(blocks[i]), id(found))
-        group = groups.get(k)
-        if group is None:
-            group = groups[k] = _Group(k[0], k[1], found, [])
-        group.positions.append(i)
-    return list(groups.values())
-
-
-def _locations(meta: BatchMeta) -> list[dict[str, _Loc]]:
-    """Per row: field -> where its value is, from the rows' index tags (a later put wins)."""
-    memo: dict[tuple[tuple[str, Any], ...], dict[str, _Loc]] = {}
-    out = []
-    for row in _tags_of(meta):
-        items = tuple((k, v) for k, v in row.items() if k.startswith(TAG_PREFIX)) if row else ()
-        found = memo.get(items)
-        if found is None:
-            found = {}
-            for key, text in items:  # insertion order = the order the controller merged the puts
-                found.update(_parse_tag(key[len(TAG_PREFIX) :], text))
-            memo[items] = found
-        out.append(found)
-    return out
-
-
-def _has_index(meta: BatchMeta) -> bool:
-    return any(row and any(k.startswith(TAG_PREFIX) for k in row) for row in _tags_of(meta))
-
-
-def _tags_of(meta: BatchMeta) -> Sequence[Any]:
-    """Each row's custom meta (a dict, or None), read in place: the rows' ``get_all_custom_meta()``
-    deep-copies every dict, which costs more than the backend call for a 1024-row batch."""
-    custom = meta._custom
-    return [None] * meta.size if custom is None else custom
-
-
-def _merge_tags(meta: BatchMeta, row_tags: list[dict[str, str]]) -> None:
-    """Merge the index tags into ``meta``'s rows (``update_custom_meta`` without its deep copies:
-    the tags are strings, so a new dict per row shares nothing mutable)."""
-    custom = meta._custom
-    if isinstance(custom, list):  # the batch's live list of dicts: update them in place
-        for row, tags in zip(custom, row_tags, strict=True):
-            row.update(tags)
-        return
-    merged = np.empty(meta.size, dtype=object)
-    old = [None] * meta.size if custom is None else custom
-    for i, (row, tags) in enumerate(zip(old, row_tags, strict=True)):
-        merged[i] = {**row, **tags} if row else dict(tags)
-    meta._custom = merged
-
-
 class _Reading:
     """One get: the values it wants, and the result columns they are copied into as they arrive.
 
@@ -525,9 +381,9 @@ class _Reading:
         ids = self.meta.global_index_array
         for key, raw in zip(keys, views, strict=True):
             name = self.field_of[key]
-            spec, value_ids, bufs = _parse(key, raw)
+            spec, value_ids, bufs = parse_value(key, raw)
             pos = np.asarray(self.wanted[name][key], np.int64)
-            idx = _index_of(value_ids, ids[pos])
+            idx = index_of(value_ids, ids[pos])
             if idx is None:
                 raise NotFoundError(
                     f"the KV value {key!r} does not hold rows {ids[pos][:8].tolist()} of field {name!r}"
@@ -535,14 +391,14 @@ class _Reading:
             out = self.dense.get(name)
             if out is not None and spec.kind == "dense" and _fits(out, spec):
                 col = decode_columns([spec], bufs, copy=False)[spec.name]
-                copy_rows(out, pos, col, None if idx is _ALL else idx)
+                copy_rows(out, pos, col, None if idx is ALL else idx)
                 self.parts[name].append((pos, None))  # rows already in ``out``
                 continue
             if out is not None:  # a stale schema: assemble this field from private parts instead
                 self.dense.pop(name)
                 self.parts[name] = [(q, out[torch.from_numpy(q)]) for q, _ in self.parts[name]]
             col = decode_columns([spec], bufs, copy=True)[spec.name]
-            self.parts[name].append((pos, col if idx is _ALL else take_rows(col, idx)))
+            self.parts[name].append((pos, col if idx is ALL else take_rows(col, idx)))
 
     def columns(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -561,24 +417,6 @@ def _fits(out: torch.Tensor, spec: ColumnSpec) -> bool:
     return str(out.dtype).removeprefix("torch.") == spec.dtype and tuple(out.shape[1:]) == tuple(
         spec.shape[1:]
     )
-
-
-def _size_of(key: str) -> int | None:
-    parts = key.rsplit("/", 1)[-1].split(".")
-    return int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else None
-
-
-def _index_of(value_ids: np.ndarray, want: np.ndarray) -> Any:
-    """Positions in the value of the rows ``want`` (``_ALL``: exactly the value, in order); None if absent."""
-    if value_ids.shape == want.shape and (value_ids == want).all():
-        return _ALL
-    order = np.argsort(value_ids, kind="stable")
-    j = np.searchsorted(value_ids, want, sorter=order)
-    j = np.minimum(j, max(len(value_ids) - 1, 0))
-    idx = order[j] if len(value_ids) else j
-    if not len(value_ids) or not (value_ids[idx] == want).all():
-        return None
-    return idx
 
 
 def _schema(name: str, known: FieldSchema | None, parts: list[tuple[np.ndarray, Any]]) -> FieldSchema:
