@@ -8,13 +8,13 @@ and returns a validated :class:`TQConfig`. The only environment variable read an
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from tq_loader.backend_config import MooncakeConfig, RayRdtConfig, YuanrongConfig, storage_from_transfer_queue
+from tq_loader.config_tq import split_transfer_queue_config, warn_once
 
 __all__ = [
     "ClientConfig",
@@ -164,44 +164,14 @@ def resolve_config(conf: Any = None) -> TQConfig:
     return cfg
 
 
-_TQ_BACKENDS = {
-    "SimpleStorage": "simple",
-    "MooncakeStore": "mooncake",
-    "Yuanrong": "yuanrong",
-    "RayStore": "ray_rdt",
-}
-_TQ_WARNED: set[str] = set()
-
-
-def _warn_tq_key(key: str, message: str) -> None:
-    """One warning per TransferQueue key that is accepted but has no effect here."""
-    if key not in _TQ_WARNED:
-        _TQ_WARNED.add(key)
-        warnings.warn(message, UserWarning, stacklevel=6)
-
-
 def _from_transfer_queue(conf: Any) -> Any:
-    """Accept TransferQueue-style keys (``backend.storage_backend``, ``num_data_storage_units``)."""
+    """TransferQueue's keys (its whole ``config.yaml``) in tq_loader's tree (``config_tq``); its
+    per-backend sections go to the backends' mapping (``backend_config``)."""
     conf = OmegaConf.to_container(conf) if isinstance(conf, DictConfig) else dict(conf)
-    backend = conf.pop("backend", None)
-    if isinstance(backend, dict):
-        storage = conf.setdefault("storage", {})
-        name = backend.get("storage_backend")
-        if name:
-            storage.setdefault("backend", _TQ_BACKENDS.get(str(name), str(name).lower()))
-        simple = backend.get("SimpleStorage") or {}
-        if "num_data_storage_units" in simple:
-            storage.setdefault("num_units", int(simple["num_data_storage_units"]))
+    conf, sections = split_transfer_queue_config(conf)
+    if sections:
         # backend.MooncakeStore / Yuanrong / RayStore -> storage.mooncake / yuanrong / ray_rdt
-        sections = {k: v for k, v in backend.items() if k not in ("storage_backend", "SimpleStorage")}
-        storage_from_transfer_queue(sections, storage, _warn_tq_key)
-    controller = conf.get("controller")
-    if (
-        isinstance(controller, dict)
-        and "sampler" in controller
-        and not isinstance(controller["sampler"], str)
-    ):
-        controller["sampler"] = getattr(controller["sampler"], "__name__", str(controller["sampler"]))
+        storage_from_transfer_queue(sections, conf.setdefault("storage", {}), warn_once)
     return conf
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tq_loader import config as tq_config
+from tq_loader import config_tq
 from tq_loader.backend_config import MooncakeConfig, YuanrongConfig
 from tq_loader.config import resolve_config
 from tq_loader.storage.ray_rdt import RayRdtUnavailableError
@@ -17,7 +17,7 @@ from tq_loader.storage.ray_rdt import RayRdtUnavailableError
 @pytest.fixture(autouse=True)
 def _fresh_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each TransferQueue key warns once per process: start every test with none said yet."""
-    monkeypatch.setattr(tq_config, "_TQ_WARNED", set())
+    monkeypatch.setattr(config_tq, "_warned", set())
 
 
 TQ_YAML = (
