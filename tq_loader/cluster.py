@@ -8,14 +8,11 @@ workers fork-safe. A client in the process that hosts the services calls them di
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Protocol
 
-from tq_loader.backend_config import STORAGE_BACKENDS
 from tq_loader.config import TQConfig
 from tq_loader.hosting import ServiceHost, publish_layout, start_controller, start_storage_unit
-from tq_loader.storage.base import registered_storage_managers
-from tq_loader.storage.services import BackendServices, open_backend_services
+from tq_loader.storage.services import start_backend_services
 
 __all__ = ["Cluster", "EmbeddedCluster", "start_cluster"]
 
@@ -60,21 +57,6 @@ class EmbeddedCluster:
         if self.backend_services is not None:  # stops only what was started here (by pid)
             self.backend_services.close()
             self.backend_services = None
-
-
-def start_backend_services(config: TQConfig) -> tuple[BackendServices | None, TQConfig]:
-    """Start or attach to what ``storage.backend`` needs; the config with its section filled in."""
-    backend = config.storage.backend
-    if backend not in STORAGE_BACKENDS and backend.lower() not in registered_storage_managers():
-        raise ValueError(
-            f"storage.backend must be one of {STORAGE_BACKENDS} or a name registered with "
-            f"tq_loader.storage.register_storage_manager, not {backend!r}"
-        )
-    services = open_backend_services(backend, getattr(config.storage, backend, None))
-    if services is None:
-        return None, config
-    storage = dataclasses.replace(config.storage, **{backend: services.section})
-    return services, dataclasses.replace(config, storage=storage)
 
 
 def start_cluster(config: TQConfig) -> Cluster:

@@ -162,7 +162,7 @@ class RayCluster:
             ray.init(include_dashboard=False, namespace=config.ray.namespace, log_to_driver=False)
         # An external backend's services start (or are attached to) here, in the driver: with
         # loopback addresses they serve this node; give addresses to serve several nodes.
-        from tq_loader.cluster import start_backend_services
+        from tq_loader.storage.services import start_backend_services
 
         services, config = start_backend_services(config)
         try:

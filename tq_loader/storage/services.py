@@ -10,12 +10,15 @@ every client -- in this process or another -- attaches to the same services.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import replace
 from typing import Any
 
-from tq_loader.backend_config import KV_BACKENDS, MooncakeConfig, YuanrongConfig
+from tq_loader.backend_config import KV_BACKENDS, STORAGE_BACKENDS, MooncakeConfig, YuanrongConfig
+from tq_loader.config import TQConfig
+from tq_loader.storage.base import registered_storage_managers
 
-__all__ = ["BackendServices", "open_backend_services"]
+__all__ = ["BackendServices", "open_backend_services", "start_backend_services"]
 
 
 class BackendServices:
@@ -75,3 +78,18 @@ def open_backend_services(backend: str, section: Any) -> BackendServices | None:
     if backend in KV_BACKENDS:  # pragma: no cover - every KV backend is handled above
         raise AssertionError(backend)
     return None
+
+
+def start_backend_services(config: TQConfig) -> tuple[BackendServices | None, TQConfig]:
+    """Start or attach to what ``storage.backend`` needs; the config with its section filled in."""
+    backend = config.storage.backend
+    if backend not in STORAGE_BACKENDS and backend.lower() not in registered_storage_managers():
+        raise ValueError(
+            f"storage.backend must be one of {STORAGE_BACKENDS} or a name registered with "
+            f"tq_loader.storage.register_storage_manager, not {backend!r}"
+        )
+    services = open_backend_services(backend, getattr(config.storage, backend, None))
+    if services is None:
+        return None, config
+    storage = dataclasses.replace(config.storage, **{backend: services.section})
+    return services, dataclasses.replace(config, storage=storage)
