@@ -31,7 +31,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from tq_loader import args
 from tq_loader.errors import ArgumentError, NotFoundError
 
 __all__ = [
@@ -236,7 +235,8 @@ def register_sampler(name: str, cls: S | None = None, *, replace: bool = False) 
     """
     if not isinstance(name, str) or not name:
         raise ArgumentError(f"sampler name must be a non-empty string, got {name!r}")
-    replace = args.flag("replace", replace)
+    if not isinstance(replace, (bool, np.bool_)):
+        raise ArgumentError(f"replace must be True or False, got {replace!r} ({type(replace).__name__})")
 
     def _register(klass: S) -> S:
         if not (isinstance(klass, type) and issubclass(klass, BaseSampler)):
