@@ -18,8 +18,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Concatenate, ParamSpec, TypeVar
 
-from tq_loader import args
-from tq_loader.client_core import DEFAULT_TIMEOUT, AsyncClient
+from tq_loader.client_core import DEFAULT_TIMEOUT, AsyncClient, client_args
 from tq_loader.config import ClientConfig
 from tq_loader.errors import ArgumentError, ClosedError
 from tq_loader.loop import LoopThread, shared_loop
@@ -73,11 +72,9 @@ class Client:
     def __init__(
         self, controller_address: str, *, config: ClientConfig | None = None, auth_token: str | None = None
     ) -> None:
-        self.controller_address = args.name("controller_address", controller_address)
-        self.config = (
-            args.instance("config", config, ClientConfig, "a ClientConfig", optional=True) or ClientConfig()
+        self.controller_address, self.config, self._token = client_args(
+            controller_address, config, auth_token
         )
-        self._token = None if auth_token is None else args.key("auth_token", auth_token)
         self._lock = threading.Lock()
         self._pid = -1
         self._loop: LoopThread | None = None

@@ -85,17 +85,26 @@ def _single_partition(meta: BatchMeta, what: str) -> str:
     return str(pids[0])
 
 
+def client_args(
+    controller_address: str, config: ClientConfig | None, auth_token: str | None
+) -> tuple[str, ClientConfig, str | None]:
+    """A client's constructor arguments, checked (``ArgumentError`` naming the bad one)."""
+    return (
+        args.name("controller_address", controller_address),
+        args.instance("config", config, ClientConfig, "a ClientConfig", optional=True) or ClientConfig(),
+        None if auth_token is None else args.key("auth_token", auth_token),
+    )
+
+
 class AsyncClient(ControllerQueries):
     """Talks to one cluster, reached through its controller's address. Owned by one event loop."""
 
     def __init__(
         self, controller_address: str, *, config: ClientConfig | None = None, auth_token: str | None = None
     ) -> None:
-        self.controller_address = args.name("controller_address", controller_address)
-        self.config = (
-            args.instance("config", config, ClientConfig, "a ClientConfig", optional=True) or ClientConfig()
+        self.controller_address, self.config, self._token = client_args(
+            controller_address, config, auth_token
         )
-        self._token = None if auth_token is None else args.key("auth_token", auth_token)
         self._channels: dict[str, Channel] = {}
         self._storage: StorageManager | None = None
         self._cluster: p.ClusterInfo | None = None
