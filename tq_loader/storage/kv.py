@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import fields as dc_fields
@@ -71,6 +70,7 @@ from tq_loader.storage.kv_layout import (
     quote,
     size_of,
 )
+from tq_loader.storage.kv_registry import KeyRegistry
 from tq_loader.striping import DEFAULT_STRIPE_ROWS, check_stripe_rows
 
 __all__ = ["TAG_PREFIX", "KVStorageManager", "backend_section"]
@@ -102,10 +102,8 @@ class KVStorageManager(StorageManager):
         self._connect = info.connect
         self._writer = uuid.uuid4().hex[:10]
         self._seq = itertools.count()
-        self._lock = threading.Lock()
-        self._known: dict[
-            str, set[str]
-        ] = {}  # partition -> keys written here (backends without prefix delete)
+        # backends that cannot list keys record each partition's keys in the store itself
+        self._registry = None if client.lists_keys else KeyRegistry(client, self._writer)
 
     # ------------------------------------------------------------------ keys
     def _prefix(self, pid: str) -> str:
@@ -180,21 +178,12 @@ class KVStorageManager(StorageManager):
             tags = {TAG_PREFIX + putid: f"{len(pos)}{''.join(sizes)}"}
             for i in pos.tolist():
                 row_tags[i] = tags
-        await asyncio.to_thread(self._write, values)
+        await asyncio.to_thread(self._write, values, sorted({pid for pid, *_ in groups}))
         try:
             await self._publish_index(meta, row_tags)
         except BaseException:
             await asyncio.to_thread(self._forget, [v.key for v in values])
             raise
-        with self._lock:
-            if len({pid for pid, *_ in groups}) == 1:
-                self._known.setdefault(groups[0][0], set()).update(v.key for v in values)
-            else:
-                for pid in {pid for pid, *_ in groups}:
-                    prefix = self._prefix(pid)
-                    self._known.setdefault(pid, set()).update(
-                        v.key for v in values if v.key.startswith(prefix)
-                    )
         merge_tags(meta, row_tags)
         if old:  # values no row points at any more (every row of them was overwritten)
             await asyncio.to_thread(self._forget, old)
@@ -212,7 +201,16 @@ class KVStorageManager(StorageManager):
             total += value.nbytes
         return out
 
-    def _write(self, values: list[Value]) -> None:
+    def _write(self, values: list[Any], pids: list[str]) -> None:
+        if self._registry is not None:  # the manifest of this put, written with its values
+            for pid in pids:
+                prefix = self._prefix(pid)
+                keys = (
+                    [v.key for v in values if v.key.startswith(prefix)]
+                    if len(pids) > 1
+                    else [v.key for v in values]
+                )
+                values = [*values, self._registry.manifest(prefix, keys)]
         done: list[str] = []
         try:
             for call in self._batches(values):
@@ -233,10 +231,6 @@ class KVStorageManager(StorageManager):
                 self.client.delete(keys[start : start + _MAX_KEYS])
         except TQError:
             pass
-        with self._lock:
-            gone = set(keys)
-            for known in self._known.values():
-                known -= gone
 
     async def _publish_index(self, meta: BatchMeta, row_tags: list[dict[str, str]]) -> None:
         """Tell the controller where each row's fields live (before the rows become visible)."""
@@ -325,19 +319,17 @@ class KVStorageManager(StorageManager):
     def _delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), _MAX_KEYS):
             self.client.delete(keys[start : start + _MAX_KEYS])
-        with self._lock:
-            gone = set(keys)
-            for known in self._known.values():
-                known -= gone
 
     async def clear_partition(self, partition_id: str) -> None:
         def run() -> None:
-            removed = self.client.delete_prefix(self._prefix(partition_id))
-            with self._lock:
-                mine = sorted(self._known.pop(partition_id, set()))
-            if removed is None and mine:  # the backend cannot list keys: delete the ones written here
-                for start in range(0, len(mine), _MAX_KEYS):
-                    self.client.delete(mine[start : start + _MAX_KEYS])
+            prefix = self._prefix(partition_id)
+            if self._registry is None:
+                self.client.delete_prefix(prefix)
+                return
+            keys = self._registry.collect(prefix)  # every writer's keys, from the store itself
+            for start in range(0, len(keys), _MAX_KEYS):
+                self.client.delete(keys[start : start + _MAX_KEYS])
+            self._registry.forget(prefix)
 
         await asyncio.to_thread(run)
 

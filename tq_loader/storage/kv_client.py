@@ -148,6 +148,7 @@ class KVClient(ABC):
     name: ClassVar[str]
     zero_copy_get: ClassVar[bool] = False  # get() returns views of backend memory (no copy)
     zero_copy_put: ClassVar[bool] = False  # reserve() hands out backend memory (fill = the only copy)
+    lists_keys: ClassVar[bool] = False  # delete_prefix() removes every key under a prefix
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -238,6 +239,14 @@ class KVClient(ABC):
         self._check_keys([prefix])
         return self._timed("delete", 1, None, self._delete_prefix, prefix)
 
+    def put_if_absent(self, key: str, value: Buffer) -> bool:
+        """Store ``value`` under ``key`` only if no value is stored there; whether it was stored
+        (atomic where the backend offers it: Yuanrong's NX set)."""
+        keys = self._check_keys([key])
+        view = as_bytes_view(value)
+        self._check_sizes(keys, [view.nbytes])
+        return bool(self._timed("put", 1, view.nbytes, self._put_if_absent, key, view))
+
     def exists(self, keys: Sequence[str]) -> list[bool]:
         """Whether each key is stored (to tell which keys of a failed get are gone)."""
         keys = self._check_keys(keys)
@@ -302,6 +311,12 @@ class KVClient(ABC):
 
     def _delete_prefix(self, prefix: str) -> int | None:
         return None
+
+    def _put_if_absent(self, key: str, value: memoryview) -> bool:
+        if self._exists([key])[0]:  # check-then-put: only for backends without an atomic form
+            return False
+        self._put([key], [value])
+        return True
 
     def _exists(self, keys: list[str]) -> list[bool]:
         out = []

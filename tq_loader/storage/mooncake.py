@@ -153,6 +153,7 @@ class MooncakeKVClient(KVClient):
 
     name = "mooncake"
     zero_copy_put = True
+    lists_keys = True  # remove_by_regex
 
     def __init__(self, config: MooncakeConfig) -> None:
         missing = mooncake_available()

@@ -193,6 +193,19 @@ class YuanrongKVClient(KVClient):
             if failed:
                 raise TQError(f"Yuanrong could not delete {len(failed)} key(s) such as {failed[0]!r}")
 
+    def _put_if_absent(self, key: str, value: memoryview) -> bool:
+        from yr.datasystem.kv_client import ExistenceOpt, WriteMode
+
+        try:
+            self._client.msettx(
+                [encode_key(key)], [bytes(value)], WriteMode.NONE_L2_CACHE, 0, ExistenceOpt.NX
+            )
+        except RuntimeError as exc:
+            if "already exist" in str(exc):
+                return False
+            raise _error(exc, f"put of key {key!r}") from None
+        return True
+
     def _exists(self, keys: list[str]) -> list[bool]:
         out: list[bool] = []
         for start in range(0, len(keys), _MAX_KEYS):
