@@ -416,6 +416,9 @@ class Connection:
         for future in pending.values():
             if not future.done():
                 future.set_exception(exc)
+                # a caller that already gave up (cancelled, timed out) never awaits it: marking it
+                # retrieved keeps asyncio from logging "Future exception was never retrieved"
+                future.exception()
 
     async def request(
         self, body: Request, buffers: Sequence[Buffer] = (), *, timeout: float | None = None
