@@ -61,20 +61,6 @@ DEFAULT_TIMEOUT = _Default()
 log = logging.getLogger("tq_loader.client")  # the public module's name: what users configure
 
 
-def _with_fields(meta: BatchMeta, schemas: Mapping[str, FieldSchema]) -> BatchMeta:
-    """A copy of ``meta`` whose rows carry ``schemas`` too and are ready (what a put returns)."""
-    out = BatchMeta(
-        meta.global_index_array,
-        meta.partition_id_array,
-        {**meta.field_schema, **schemas},
-        np.ones(meta.size, np.int8),
-        meta.get_all_extra_info(),
-        None if not any(meta.get_all_custom_meta()) else meta.get_all_custom_meta(),
-        end_of_stream=meta.is_end_of_stream,
-    )
-    return out
-
-
 def _single_partition(meta: BatchMeta, what: str) -> str:
     pids = meta.partition_id_array
     if meta.size and not (pids == pids[0]).all():
@@ -348,7 +334,7 @@ class AsyncClient(ControllerQueries):
         except BaseException:
             await self._rollback_insert(pid, ids)
             raise
-        return _with_fields(meta, _written(reply.schemas, batch))
+        return meta.produced_with(_written(reply.schemas, batch))
 
     async def _update(self, batch: PreparedBatch, meta: BatchMeta, partition_id: str | None) -> BatchMeta:
         if meta.size == 0:
@@ -360,7 +346,7 @@ class AsyncClient(ControllerQueries):
         )
         batch = _cast(batch, reply.schemas, pid)
         await self._write(batch, meta, pid, ids)
-        return _with_fields(meta, _written(reply.schemas, batch))
+        return meta.produced_with(_written(reply.schemas, batch))
 
     async def _write(
         self,

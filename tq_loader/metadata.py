@@ -440,6 +440,13 @@ class BatchMeta(RowMetaMixin):
         """Independent copy (arrays are immutable and shared; extra_info is deep-copied)."""
         return self._derive(slice(None))
 
+    def produced_with(self, schemas: Mapping[str, FieldSchema]) -> BatchMeta:
+        """A copy whose rows are all produced and also carry ``schemas`` (what a put returns); the
+        custom meta is shared copy-on-write, not copied per row."""
+        out = self._derive(slice(None), {**self._schema, **schemas})
+        out._status = _frozen(np.ones(self.size, np.int8))
+        return out
+
     # ------------------------------------------------------------ fields, custom meta, extra info
 
     def add_fields(self, tensor_dict: TensorDictBase, set_all_ready: bool = True) -> BatchMeta:
