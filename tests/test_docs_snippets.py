@@ -174,3 +174,24 @@ def test_ray_is_imported_at_module_level_only_by_the_ray_placement() -> None:
         if top and (m == "ray" or m.startswith("ray."))
     ]
     assert eager == ["tq_loader/ray_cluster.py"] * len(eager) and eager, eager
+
+
+def _layer_table_modules() -> set[str]:
+    """The module names in the 'modules' column of docs/architecture.md's layer table."""
+    lines = (ROOT / "docs" / "architecture.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| layer | modules |"))
+    names: set[str] = set()
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        names |= {n.rstrip("/") for n in re.findall(r"`([A-Za-z_][A-Za-z0-9_]*/?)`", line.split("|")[2])}
+    return names
+
+
+def test_the_layer_table_names_every_module_and_only_real_ones() -> None:
+    pkg = ROOT / "tq_loader"
+    real = {p.stem for p in pkg.glob("*.py") if p.stem != "__init__"}
+    real |= {p.name for p in pkg.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    listed = _layer_table_modules()
+    assert not listed - real, f"docs/architecture.md names modules that do not exist: {sorted(listed - real)}"
+    assert not real - listed, f"docs/architecture.md's layer table lacks {sorted(real - listed)}"
