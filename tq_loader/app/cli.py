@@ -89,6 +89,8 @@ def _status_client(address: str | None) -> Any:
             "no cluster is known: pass --address HOST:PORT (what `tq-loader serve` printed) "
             f"or set {ENV_ADDRESS}"
         )
+    if "://" not in address:  # HOST:PORT as people type it
+        address = f"tcp://{address}"
     from tq_loader.client import Client
     from tq_loader.config import ClientConfig
 
