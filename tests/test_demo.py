@@ -67,6 +67,11 @@ def test_cli_demo_with_stage_processes(tmp_path: Path) -> None:
     ]
     done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # off a terminal the demo says what it starts, as plain lines, before any stage reports
+    said = [line for line in done.stderr.splitlines() if line.startswith("demo: ")]
+    assert said[0].startswith("demo: starting the cluster (placement=local"), done.stderr[-2000:]
+    assert said[1].startswith("demo: starting 4 stages as processes"), said
+    assert any("attached after" in line for line in said[2:]), said
     result = read(report)
     assert_passed(result, rows=128)
     assert done.stdout.count("PASS") == len(result["checks"]) and "FAIL" not in done.stdout  # the table
