@@ -58,7 +58,9 @@ def test_group_and_key_overrides() -> None:
     assert app_config.compose(["sampler=sequential"]).loader.sampler == "sequential"
 
 
-@pytest.mark.parametrize("override", ["loader.batchsize=3", "loader.batch_size=many", "storage=no_such_backend"])
+@pytest.mark.parametrize(
+    "override", ["loader.batchsize=3", "loader.batch_size=many", "storage=no_such_backend"]
+)
 def test_bad_overrides_are_rejected(override: str) -> None:
     with pytest.raises(ConfigCompositionException):
         app_config.compose([override])
