@@ -227,6 +227,7 @@ def plot_partition(picture: PartitionPicture, path: str | Path, size: tuple[int,
     import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib.colors import ListedColormap
+    from matplotlib.ticker import MaxNLocator
 
     dpi = 100
     fig, (left, right) = plt.subplots(
@@ -243,7 +244,8 @@ def plot_partition(picture: PartitionPicture, path: str | Path, size: tuple[int,
             ax.text(0, 0, f"nothing {title}", ha="center", va="center")
         ax.imshow(data, aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=1)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-        ax.set_ylabel("row")
+        ax.set_ylabel("row (in the partition's order)")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         done = float(np.asarray(matrix).mean()) if np.asarray(matrix).size else 0.0
         ax.set_title(f"{title} ({done:.0%})")
     fig.suptitle(f"partition {picture.partition_id!r}: {len(picture.production)} rows")
