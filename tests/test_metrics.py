@@ -117,3 +117,10 @@ def test_serve_prints_the_metrics_endpoint() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def test_child_processes_learn_the_endpoint(metrics_cluster: Any) -> None:
+    endpoint = tq.get_metrics_endpoint()
+    code = "import tq_loader as tq; print(tq.get_metrics_endpoint())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == endpoint, done.stderr
