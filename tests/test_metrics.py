@@ -112,8 +112,16 @@ def test_serve_prints_the_metrics_endpoint() -> None:
             address,
             line,
         )
-        got = scrape(line.split("=", 1)[1])
+        endpoint = line.split("=", 1)[1]
+        got = scrape(endpoint)
         assert got["tq_loader_up"] == 1 and got["tq_loader_partitions"] == 0
+        # a process that only attached by address asks the controller (no env var to inherit)
+        attached = {**env, "TQ_LOADER_ADDRESS": address.split("=", 1)[1]}
+        code = "import tq_loader as tq; tq.init(); print(tq.get_metrics_endpoint()); tq.close()"
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=attached
+        )
+        assert done.returncode == 0 and done.stdout.strip() == endpoint, done.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0

@@ -22,9 +22,11 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tq_loader import args
 from tq_loader.client import Client
 from tq_loader.cluster import Cluster, start_cluster
 from tq_loader.config import TQConfig, resolve_config
@@ -63,6 +65,8 @@ def _current() -> _Runtime | None:
 def init(conf: Any = None) -> TQConfig:
     """Attach to or start a cluster (see the module docstring); returns the resolved config."""
     global _runtime
+    if conf is not None and not isinstance(conf, (Mapping, TQConfig)):  # a DictConfig is a Mapping
+        raise ArgumentError(f"conf must be a dict, DictConfig or TQConfig, not {type(conf).__name__}")
     with _lock:
         current = _current()
         if current is not None:
@@ -84,6 +88,8 @@ def init(conf: Any = None) -> TQConfig:
                 _install_sampler(cluster, config, sampler)
             published = _publish_in_ray(config, cluster.address)
             metrics = _start_metrics(config, cluster.address)
+            if metrics is not None:  # every attached process can then ask the controller for it
+                client.announce_metrics(metrics.endpoint)
         except BaseException:
             client.close()
             cluster.stop()
@@ -108,12 +114,15 @@ def _start_metrics(config: TQConfig, address: str) -> Any:
 def get_metrics_endpoint() -> str | None:
     """``"host:port"`` of the Prometheus endpoint (``/metrics``), or None when metrics are off.
 
-    Known in the process that hosts the cluster with ``metrics.enabled`` and in the processes it
-    starts (through ``TQ_LOADER_METRICS_ENDPOINT``); ``tq-loader serve`` prints it.
+    The process hosting the cluster announces it to the controller, so every process attached to
+    the cluster gets it (``tq-loader serve`` also prints it); without a cluster,
+    ``TQ_LOADER_METRICS_ENDPOINT`` is the answer.
     """
     current = _current()
     if current is not None and current.metrics is not None:
         return str(current.metrics.endpoint)
+    if current is not None:
+        return current.client.metrics_endpoint()
     return os.environ.get("TQ_LOADER_METRICS_ENDPOINT") or None
 
 
@@ -220,6 +229,8 @@ def _reconfigure(client: Client, config: TQConfig, auth_token: str | None) -> Cl
 
 def connect(address: str, auth_token: str | None = None) -> TQConfig:
     """Attach to the cluster whose controller listens at ``address`` (replacing any current one)."""
+    address = args.name("address", address)  # checked before the current cluster is let go
+    auth_token = None if auth_token is None else args.key("auth_token", auth_token)
     with _lock:
         if _current() is not None:
             close()

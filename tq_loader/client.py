@@ -164,6 +164,8 @@ class Client:
     kv_list, async_kv_list = _sync(AsyncClient.async_kv_list)
     statistics, async_statistics = _sync(AsyncClient.async_statistics)
     describe, async_describe = _sync(AsyncClient.async_describe)
+    announce_metrics, async_announce_metrics = _sync(AsyncClient.async_announce_metrics)
+    metrics_endpoint, async_metrics_endpoint = _sync(AsyncClient.async_metrics_endpoint)
     export_state, async_export_state = _sync(AsyncClient.async_export_state)
     import_state, async_import_state = _sync(AsyncClient.async_import_state)
 

@@ -177,3 +177,13 @@ class ControllerQueries:
         ``dry_run``: only let the controller validate it (it raises what a real import would)."""
         state = args.mapping("state", state)
         await self._call(p.ImportState(state=dict(state), dry_run=args.flag("dry_run", dry_run)))
+
+    # ------------------------------------------------------------------ metrics
+    async def async_announce_metrics(self, endpoint: str) -> None:
+        """Tell the controller where the cluster's Prometheus endpoint is (``host:port``)."""
+        await self._call(p.AnnounceMetrics(endpoint=args.name("endpoint", endpoint)))
+
+    async def async_metrics_endpoint(self) -> str | None:
+        """The announced Prometheus endpoint (``host:port``), or None when none was announced."""
+        info: p.ClusterInfo = await self._call(p.Describe())
+        return info.metrics_endpoint or None

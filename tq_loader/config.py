@@ -1,8 +1,9 @@
 """The configuration tree: dataclasses that are the structured config, registered with Hydra.
 
 ``resolve_config`` accepts ``None``, a dict, an OmegaConf ``DictConfig`` or a :class:`TQConfig`
-and returns a validated :class:`TQConfig`. The only environment variable read anywhere is
-``TQ_LOADER_ADDRESS`` (documented in ``api.init``): configuration is data, not hidden knobs.
+and returns a validated :class:`TQConfig`. No environment variable is read here: the few the
+library reads (``TQ_LOADER_ADDRESS``, ``TQ_LOADER_AUTH_TOKEN``, ``TQ_LOADER_METRICS_ENDPOINT``) are
+read by ``api`` and documented there. Configuration is data, not hidden knobs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tq_loader.backend_config import MooncakeConfig, RayRdtConfig, YuanrongConfig, storage_from_transfer_queue
 from tq_loader.config_tq import split_transfer_queue_config, warn_once
+from tq_loader.errors import ArgumentError
 
 __all__ = [
     "ClientConfig",
@@ -153,7 +155,7 @@ def resolve_config(conf: Any = None) -> TQConfig:
         base = OmegaConf.structured(TQConfig)
         if conf is not None:
             if not isinstance(conf, (dict, DictConfig)):
-                raise TypeError(f"config must be a dict, DictConfig or TQConfig, not {type(conf).__name__}")
+                raise ArgumentError(f"conf must be a dict, DictConfig or TQConfig, not {type(conf).__name__}")
             user = OmegaConf.create(_from_transfer_queue(conf))
             base = OmegaConf.merge(base, user)
         cfg = OmegaConf.to_object(base)  # type: ignore[assignment]

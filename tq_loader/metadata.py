@@ -443,7 +443,9 @@ class BatchMeta(RowMetaMixin):
     def produced_with(self, schemas: Mapping[str, FieldSchema]) -> BatchMeta:
         """A copy whose rows are all produced and also carry ``schemas`` (what a put returns); the
         custom meta is shared copy-on-write, not copied per row."""
-        out = self._derive(slice(None), {**self._schema, **schemas})
+        out = self._derive(
+            slice(None), {**self._schema, **self._schema_dict(args.mapping("schemas", schemas))}
+        )
         out._status = _frozen(np.ones(self.size, np.int8))
         return out
 

@@ -79,6 +79,12 @@ class Describe(_Msg):
     """Ask the controller for the cluster layout (storage units, backend, settings)."""
 
 
+class AnnounceMetrics(_Msg):
+    """The process hosting the cluster's Prometheus endpoint says where it is (``Describe`` tells)."""
+
+    endpoint: str
+
+
 class CreatePartition(_Msg):
     partition_id: str
 
@@ -317,6 +323,7 @@ class ClusterInfo(_Msg):
     storage_backend: str = "simple"
     config: dict[str, Any] = {}
     cluster_id: str = ""  # made when the cluster starts: tells a fresh cluster from the one a state came from
+    metrics_endpoint: str = ""  # host:port of the Prometheus endpoint, once announced ("" = none)
 
 
 class MetaReply(_Msg):
@@ -385,7 +392,7 @@ Request = Union[
     Describe, CreatePartition, ListPartitions, GetMeta, PrepareWrite, NotifyProduced, SetTags,
     ClearSamples, ClearPartition, ResetConsumption, ProductionStatus, ConsumptionStatus, KVLookup,
     KVList, Seal, Abort, Stats, Cancel, ReportLost, ExportState, ImportState, PutRows, GetRows, DropRows, DropPartition,
-    ExportRows, AttachSegment, DetachArena, KVKeys, PartitionInfo,
+    ExportRows, AttachSegment, DetachArena, KVKeys, PartitionInfo, AnnounceMetrics,
 ]  # fmt: skip
 Reply = Union[
     Ok, ClusterInfo, MetaReply, WriteReply, IdsReply, NamesReply, StatusReply, KVLookupReply,

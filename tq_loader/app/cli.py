@@ -65,6 +65,10 @@ def _serve(args: argparse.Namespace) -> int:
             from tq_loader.metrics import start_metrics
 
             metrics = start_metrics(config.metrics, cluster.address, config.auth_token)
+            from tq_loader.client import Client
+
+            with Client(cluster.address, auth_token=config.auth_token) as announcer:
+                announcer.announce_metrics(metrics.endpoint)  # attached clients can ask for it
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())

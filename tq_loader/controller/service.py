@@ -27,6 +27,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from tq_loader import protocol as p
@@ -68,6 +69,7 @@ class ControllerService:
         self._grace_timers: dict[str, asyncio.TimerHandle] = {}  # sealed partition -> abandonment timer
         self._dispatch: dict[type, Callable[..., Any]] = {
             p.Describe: self._describe,
+            p.AnnounceMetrics: self._announce_metrics,
             p.CreatePartition: self._create_partition,
             p.ListPartitions: self._list_partitions,
             p.GetMeta: self._get_meta,
@@ -119,6 +121,12 @@ class ControllerService:
         if self.cluster is None:
             raise NotFoundError("the controller has no cluster description yet; the cluster is starting")
         return self.cluster
+
+    def _announce_metrics(self, ctx: RequestContext, req: p.AnnounceMetrics) -> p.Ok:
+        if self.cluster is None:
+            raise NotFoundError("the controller has no cluster description yet; the cluster is starting")
+        self.cluster = msgspec.structs.replace(self.cluster, metrics_endpoint=req.endpoint)
+        return p.Ok()
 
     def _create_partition(self, ctx: RequestContext, req: p.CreatePartition) -> p.Ok:
         self.state.get_or_create(req.partition_id)
