@@ -117,7 +117,7 @@ _TEMPLATES = [  # one valid request of every type (partition "fuzz"), mutated fi
     # a segment of another host (the boot id is never this one's): refused, nothing is mapped
     p.AttachSegment(arena="fuzz", segment=p.ArenaSegment(0, 1, 0, 4096, b"t" * 16, "not-this-host")),
     p.DetachArena(arena="fuzz"), p.KVKeys(partition_id="fuzz", global_indexes=_FUZZ_IDS),
-    p.PartitionInfo(partition_id="fuzz"),
+    p.PartitionInfo(partition_id="fuzz"), p.AnnounceMetrics(endpoint="127.0.0.1:9"),
 ]  # fmt: skip
 assert {type(t).__name__ for t in _TEMPLATES} == set(REQUEST_TYPES)
 
