@@ -21,8 +21,8 @@ test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: setup
-	$(BIN)/ruff check tq_loader tests examples benchmarks
-	$(BIN)/ruff format --check tq_loader tests examples benchmarks
+	$(BIN)/ruff check tq_loader tests examples benchmarks tutorial docs/gen_configuration.py compat
+	$(BIN)/ruff format --check tq_loader tests examples benchmarks tutorial docs/gen_configuration.py compat
 
 demo: setup
 	$(BIN)/tq-loader demo

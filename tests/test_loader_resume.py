@@ -275,7 +275,7 @@ def test_resume_refuses_a_fresh_cluster_on_the_same_ports() -> None:
         assert again == address
         tq.connect(again)
         tq.get_client().put(TensorDict({"x": torch.arange(32)}, batch_size=[32]), partition_id="stream")
-        with pytest.raises(ResumeStateError, match="another cluster|fresh cluster"):
+        with pytest.raises(ResumeStateError, match=r"another cluster|fresh cluster"):
             fresh_loader("stream").load_state_dict(state)
         tq.get_client().seal("stream")
         forced = fresh_loader("stream")
