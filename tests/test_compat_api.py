@@ -73,7 +73,9 @@ def test_numpy_arrays_in_sampling_config_reach_the_sampler_as_arrays(fresh, in_p
     client = tq.get_client()
     client.put(TensorDict({"x": torch.arange(5)}, batch_size=[5]), partition_id="p")
     scores = np.array([0.1, 5.0, 0.2, 9.0, 1.0])
-    meta = client.get_meta(["x"], 2, "p", task_name="t", sampler="by_score", sampling_config={"scores": scores})
+    meta = client.get_meta(
+        ["x"], 2, "p", task_name="t", sampler="by_score", sampling_config={"scores": scores}
+    )
     assert meta.global_indexes == [3, 1]
 
 
