@@ -513,3 +513,21 @@ def test_transferqueues_retry_interval_variable_is_said_to_have_no_effect(
     monkeypatch.setenv("TQ_STREAMING_DATASET_EMPTY_BATCH_SLEEP_INTERVAL", "5")
     with pytest.warns(UserWarning, match=r"no effect.*StreamingDataset\(timeout="):
         dataset("p", 4)
+
+
+def test_micro_batch_larger_than_batch_warns_once() -> None:
+    """TransferQueue raises; tq_loader yields the whole batch as one micro-batch and says so."""
+    from tq_loader.loader.dataset import StreamingDataset
+
+    with pytest.warns(UserWarning, match="micro_batch_size=8 is larger than batch_size=4"):
+        StreamingDataset(batch_size=4, micro_batch_size=8, data_fields=["x"], partition_id="p")
+
+
+def test_concat_joining_extra_info_warns() -> None:
+    from tq_loader.metadata import BatchMeta
+
+    a = BatchMeta([0], "p", extra_info={"steps": [1]})
+    b = BatchMeta([1], "p", extra_info={"steps": [2]})
+    with pytest.warns(UserWarning, match=r"extra_info\['steps'\] differs"):
+        joined = BatchMeta.concat([a, b])
+    assert joined.extra_info["steps"] == [1, 2]

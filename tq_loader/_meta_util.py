@@ -96,6 +96,16 @@ def _values_equal(a: Any, b: Any) -> bool:
     return type(a) is type(b) and bool(a == b)
 
 
+def _warn_joined(key: str) -> None:
+    warn_once(
+        ("concat-extra-info", key),
+        f"BatchMeta.concat: extra_info[{key!r}] differs between the batches and is joined (lists "
+        "appended, tensors concatenated); TransferQueue 0.1.11 raises here. Make the values equal or "
+        "remove the key before concat to keep one value (docs/compat.md)",
+        stacklevel=5,
+    )
+
+
 def _merge_extra_info(infos: list[dict[str, Any]]) -> dict[str, Any]:
     """Batch-level info of a concat: equal values kept once, lists joined, tensors concatenated."""
     merged: dict[str, Any] = {}
@@ -104,8 +114,10 @@ def _merge_extra_info(infos: list[dict[str, Any]]) -> dict[str, Any]:
         if all(_values_equal(values[0], v) for v in values[1:]):
             merged[key] = values[0]
         elif all(isinstance(v, list) for v in values):
+            _warn_joined(key)
             merged[key] = [x for v in values for x in v]
         elif all(isinstance(v, torch.Tensor) for v in values):
+            _warn_joined(key)
             try:
                 merged[key] = torch.cat([v.reshape(1) if v.dim() == 0 else v for v in values])
             except RuntimeError as e:

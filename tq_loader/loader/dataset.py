@@ -30,6 +30,7 @@ from tensordict import TensorDict
 from torch.utils.data import IterableDataset, get_worker_info
 
 from tq_loader import args
+from tq_loader._meta_util import warn_once
 from tq_loader.errors import TQTimeoutError
 from tq_loader.loader.batching import chunk_batch_fn, default_fetch_batch_fn, meta_options, meta_request
 from tq_loader.loader.buffer import BatchBuffer
@@ -87,6 +88,13 @@ class StreamingDataset(IterableDataset):
         if batch_size < 1 or micro_batch_size < 1:
             raise ValueError(
                 f"batch_size ({batch_size}) and micro_batch_size ({micro_batch_size}) must be >= 1"
+            )
+        if micro_batch_size > batch_size:
+            warn_once(
+                ("micro-larger", micro_batch_size, batch_size),
+                f"StreamingDataset: micro_batch_size={micro_batch_size} is larger than batch_size="
+                f"{batch_size}: each batch is yielded as one micro-batch of {batch_size} rows "
+                "(TransferQueue 0.1.11 raises); set micro_batch_size <= batch_size",
             )
         if not fields:
             raise ValueError("data_fields must name at least one field to read")
