@@ -418,7 +418,7 @@ def wait_until(
             raise TQConnectionError(f"{what}: {reason}")
         if time.monotonic() >= deadline:
             raise TQTimeoutError(f"{what}: not ready within {timeout:.0f} s")
-        time.sleep(interval)
+        time.sleep(interval)  # an external service offers no event to wait on: poll, bounded
 
 
 def pid_alive(pid: int) -> bool:
@@ -455,5 +455,5 @@ def stop_pid(pid: int, timeout: float = 10.0) -> bool:
         while time.monotonic() < deadline:
             if not pid_alive(pid):
                 return True
-            time.sleep(0.02)
+            time.sleep(0.02)  # not necessarily our child (no waitpid): poll its pid, bounded
     return not pid_alive(pid)
