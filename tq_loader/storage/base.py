@@ -20,7 +20,7 @@ from tensordict import TensorDict
 from tq_loader import protocol as p
 from tq_loader.batch import PreparedBatch
 from tq_loader.channel import Channel
-from tq_loader.errors import DataLostError, NotFoundError
+from tq_loader.errors import DataLostError, NotFoundError, SchemaError
 from tq_loader.metadata import BatchMeta
 from tq_loader.stats import StorageStats
 
@@ -31,6 +31,7 @@ __all__ = [
     "make_storage_manager",
     "register_storage_manager",
     "registered_storage_managers",
+    "rows_to_store",
 ]
 
 ChannelFactory = Callable[[str], Channel]
@@ -107,6 +108,17 @@ class StorageManager(ABC):
 
     async def close(self) -> None:  # noqa: B027 (optional hook)
         """Release what this manager holds."""
+
+
+def rows_to_store(batch: PreparedBatch, meta: BatchMeta) -> int:
+    """How many rows a ``put_data`` stores (0: nothing to do); a batch and metadata of different
+    lengths are a ``SchemaError`` -- the one check every backend makes first."""
+    if batch.size != meta.size:
+        raise SchemaError(
+            f"put_data(): data has {batch.size} rows but the metadata has {meta.size}; "
+            "pass the BatchMeta of exactly these rows, in the same order"
+        )
+    return meta.size if batch.columns else 0
 
 
 _BACKENDS: dict[str, Callable[[BackendInfo], StorageManager]] = {}

@@ -50,7 +50,13 @@ from tq_loader.errors import NotFoundError, SchemaError, TQConnectionError, TQEr
 from tq_loader.metadata import BatchMeta, schema_of
 from tq_loader.schema import FieldSchema
 from tq_loader.stats import StorageStats
-from tq_loader.storage.base import BackendInfo, StorageLost, StorageManager, register_storage_manager
+from tq_loader.storage.base import (
+    BackendInfo,
+    StorageLost,
+    StorageManager,
+    register_storage_manager,
+    rows_to_store,
+)
 from tq_loader.storage.columns import assemble, copy_rows, take_rows, target_kind, torch_dtype
 from tq_loader.storage.kv_client import KVClient
 from tq_loader.storage.kv_layout import (
@@ -151,13 +157,8 @@ class KVStorageManager(StorageManager):
 
     # ------------------------------------------------------------------ put
     async def put_data(self, batch: PreparedBatch, meta: BatchMeta) -> None:
-        n = meta.size
-        if batch.size != n:
-            raise SchemaError(
-                f"put_data(): data has {batch.size} rows but the metadata has {n}; "
-                "pass the BatchMeta of exactly these rows, in the same order"
-            )
-        if n == 0 or not batch.columns:
+        n = rows_to_store(batch, meta)
+        if n == 0:
             return
         old = self._replaced(meta, list(batch.columns))
         putid = f"{self._writer}{next(self._seq):x}"

@@ -28,7 +28,13 @@ from tq_loader.errors import DataLostError, NotFoundError, SchemaError, TQConnec
 from tq_loader.metadata import BatchMeta, schema_of
 from tq_loader.schema import FieldSchema
 from tq_loader.stats import StorageStats
-from tq_loader.storage.base import BackendInfo, StorageLost, StorageManager, register_storage_manager
+from tq_loader.storage.base import (
+    BackendInfo,
+    StorageLost,
+    StorageManager,
+    register_storage_manager,
+    rows_to_store,
+)
 from tq_loader.storage.columns import assemble, take_rows, target_kind, torch_dtype
 from tq_loader.storage.export import decode_export
 from tq_loader.storage.shm_path import MIN_SHM_BYTES, SharedMemoryPath
@@ -136,13 +142,8 @@ class SimpleStorageManager(StorageManager):
         return modes
 
     async def put_data(self, batch: PreparedBatch, meta: BatchMeta) -> None:
-        n = meta.size
-        if batch.size != n:
-            raise SchemaError(
-                f"put_data(): data has {batch.size} rows but the metadata has {n}; "
-                "pass the BatchMeta of exactly these rows, in the same order"
-            )
-        if n == 0 or not batch.columns:
+        n = rows_to_store(batch, meta)
+        if n == 0:
             return
         groups = _groups(meta, len(self.addresses), self.stripe_rows)
         whole = encode_columns(batch.columns)  # views of the caller's columns (no copy)
