@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from tq_loader.errors import SchemaError
+from tq_loader.metadata import schema_of
 from tq_loader.schema import FieldSchema
 from tq_loader.storage.segments import gather, ragged_range
 
@@ -325,3 +326,19 @@ def assemble(
     for pos, value in parts:
         out[pos] = object_array(row_list(value))
     return make_rows(out.tolist(), dtype)
+
+
+def column_schema(
+    name: str, known: FieldSchema | None, parts: Sequence[tuple[np.ndarray, Any]]
+) -> FieldSchema | None:
+    """A column's schema: the metadata's (``known``), widened by what the stored parts hold (only if
+    it is stale); None when there is neither a schema nor a row."""
+    schema = known
+    try:
+        for pos, value in parts:
+            if len(pos):
+                seen = schema_of(value, name)
+                schema = seen if schema is None else schema.merge(seen)
+    except SchemaError as exc:
+        raise SchemaError(f"field {name!r}: {exc}") from None
+    return schema

@@ -46,8 +46,8 @@ from tq_loader import protocol as p
 from tq_loader.backend_config import MooncakeConfig, YuanrongConfig
 from tq_loader.batch import PreparedBatch
 from tq_loader.codec import ColumnSpec, decode_columns, encode_columns, to_tensordict
-from tq_loader.errors import NotFoundError, SchemaError, TQConnectionError, TQError
-from tq_loader.metadata import BatchMeta, schema_of
+from tq_loader.errors import NotFoundError, TQConnectionError, TQError
+from tq_loader.metadata import BatchMeta
 from tq_loader.schema import FieldSchema
 from tq_loader.stats import StorageStats
 from tq_loader.storage.base import (
@@ -57,7 +57,14 @@ from tq_loader.storage.base import (
     register_storage_manager,
     rows_to_store,
 )
-from tq_loader.storage.columns import assemble, copy_rows, take_rows, target_kind, torch_dtype
+from tq_loader.storage.columns import (
+    assemble,
+    column_schema,
+    copy_rows,
+    take_rows,
+    target_kind,
+    torch_dtype,
+)
 from tq_loader.storage.kv_client import KVClient
 from tq_loader.storage.kv_layout import (
     ALL,
@@ -413,15 +420,7 @@ def _fits(out: torch.Tensor, spec: ColumnSpec) -> bool:
 
 
 def _schema(name: str, known: FieldSchema | None, parts: list[tuple[np.ndarray, Any]]) -> FieldSchema:
-    """The column's schema: the metadata's, widened by what the values hold (only if it is stale)."""
-    schema = known
-    try:
-        for pos, value in parts:
-            if len(pos):
-                seen = schema_of(value, name)
-                schema = seen if schema is None else schema.merge(seen)
-    except SchemaError as exc:
-        raise SchemaError(f"field {name!r}: {exc}") from None
+    schema = column_schema(name, known, parts)
     if schema is None:
         raise NotFoundError(f"field {name!r}: no schema and no rows")
     return schema

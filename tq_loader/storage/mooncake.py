@@ -290,19 +290,15 @@ class MooncakeKVClient(KVClient):
         return out
 
     def _get_into(self, keys: list[str], buffers: list[memoryview]) -> None:
-        sizes = [b.nbytes for b in buffers]
-        for start, stop, total in _rounds(sizes, self._arena.size):
-            chunk = self._arena.alloc(total)
-            try:
-                offsets = self._layout(chunk, sizes[start:stop])
-                got = self._store.batch_get_into(
-                    keys[start:stop], [self._base + o for o in offsets], sizes[start:stop]
-                )
-                self._check_read(keys[start:stop], sizes[start:stop], got)
-                for off, dst in zip(offsets, buffers[start:stop]):
-                    dst[:] = self._arena.view(off, dst.nbytes)
-            finally:
-                self._arena.release(chunk, total)
+        done = 0  # _get_views hands the keys over in order, a round at a time
+
+        def copy_out(chunk_keys: list[str], views: list[memoryview]) -> None:
+            nonlocal done
+            for dst, view in zip(buffers[done : done + len(views)], views):
+                dst[:] = view
+            done += len(views)
+
+        self._get_views(keys, [b.nbytes for b in buffers], copy_out)
 
     def _get_views(self, keys: list[str], sizes: Any, consume: Any) -> None:
         sizes = self._sizes(keys) if sizes is None else [int(n) for n in sizes]

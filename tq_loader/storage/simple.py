@@ -24,8 +24,8 @@ from tq_loader import memory
 from tq_loader import protocol as p
 from tq_loader.batch import PreparedBatch
 from tq_loader.codec import decode_columns, encode_columns, to_tensordict
-from tq_loader.errors import DataLostError, NotFoundError, SchemaError, TQConnectionError
-from tq_loader.metadata import BatchMeta, schema_of
+from tq_loader.errors import DataLostError, NotFoundError, TQConnectionError
+from tq_loader.metadata import BatchMeta
 from tq_loader.schema import FieldSchema
 from tq_loader.stats import StorageStats
 from tq_loader.storage.base import (
@@ -35,7 +35,7 @@ from tq_loader.storage.base import (
     register_storage_manager,
     rows_to_store,
 )
-from tq_loader.storage.columns import assemble, take_rows, target_kind, torch_dtype
+from tq_loader.storage.columns import assemble, column_schema, take_rows, target_kind, torch_dtype
 from tq_loader.storage.export import decode_export
 from tq_loader.storage.shm_path import MIN_SHM_BYTES, SharedMemoryPath
 from tq_loader.striping import DEFAULT_STRIPE_ROWS, check_stripe_rows, unit_of
@@ -256,7 +256,7 @@ class SimpleStorageManager(StorageManager):
                         f"field {name!r}: a storage unit answered without it "
                         f"(rows {meta.global_index_array[pos[:8]].tolist()})"
                     )
-            schema = _column_schema(name, known.get(name), parts)
+            schema = column_schema(name, known.get(name), parts)
             if schema is None:
                 continue  # no rows and no schema: nothing can be said about the column
             if whole and _returns_as_is(schema, parts[0][1]):
@@ -353,21 +353,6 @@ def _returns_as_is(schema: FieldSchema, value: Any) -> bool:
     if kind == "jagged":
         return value.is_nested and value.layout == torch.jagged and value._ragged_idx - 1 == d
     return False
-
-
-def _column_schema(
-    name: str, known: FieldSchema | None, parts: list[tuple[np.ndarray, Any]]
-) -> FieldSchema | None:
-    """The column's schema: the metadata's, widened by what the units hold (only if it is stale)."""
-    schema = known
-    try:
-        for pos, value in parts:
-            if len(pos):
-                seen = schema_of(value, name)
-                schema = seen if schema is None else schema.merge(seen)
-    except SchemaError as exc:
-        raise SchemaError(f"field {name!r}: {exc}") from None
-    return schema
 
 
 register_storage_manager("simple", SimpleStorageManager)
